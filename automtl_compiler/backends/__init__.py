@@ -1,0 +1,1 @@
+"""Backends: IR -> torch (codegen), prototxt, ONNX."""

@@ -1,0 +1,53 @@
+"""Frontends: each reads one source format into a Graph, and nothing else.
+
+:func:`load_backbone` is the one entry point; it picks the frontend from the kind of ``source``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import AutomtlError, FileFormatError
+from ..ir.graph import Graph
+
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+
+
+def load_backbone(source: Any, *, input_shape: tuple[int, ...] | None = None,
+                  weights: str | Path | None = None) -> Graph:
+    """Read a backbone into the IR.
+
+    ``source`` is an ``nn.Module`` (traced with torch.fx), a ``.prototxt`` path (AutoMTL dialect or
+    genuine Caffe), an ``.onnx`` path, a graph ``.json`` written by :func:`save_graph`, or
+    ``torchvision:NAME`` (a torchvision model with random weights). ``input_shape`` overrides the shape a
+    file declares (and is the tracing shape for modules, default ``(1, 3, 224, 224)``). ``weights`` is an
+    optional safetensors file for prototxt sources.
+    """
+    import torch
+
+    if isinstance(source, torch.nn.Module):
+        from .fx import from_module
+        return from_module(source, input_shape=input_shape or DEFAULT_INPUT_SHAPE)
+    if not isinstance(source, (str, Path)):
+        raise AutomtlError(f"cannot load a backbone from a {type(source).__name__}; give an nn.Module, "
+                           "a .prototxt, .onnx or .json path, or torchvision:NAME")
+    text = str(source)
+    if text.startswith("torchvision:"):
+        from .fx import from_module, torchvision_model
+        return from_module(torchvision_model(text.split(":", 1)[1]), input_shape=input_shape or DEFAULT_INPUT_SHAPE)
+    path = Path(text)
+    suffix = path.suffix.lower()
+    if suffix == ".prototxt":
+        from .prototxt import load_prototxt
+        return load_prototxt(path, input_shape=input_shape, weights=weights)
+    if suffix == ".onnx":
+        from .onnx import load_onnx
+        return load_onnx(path, input_shape=input_shape)
+    if suffix == ".json":
+        from ..ir.serialize import load_graph
+        return load_graph(path)
+    if not path.exists():
+        raise FileFormatError(f"{path}: no such file (and not torchvision:NAME); check the path")
+    raise FileFormatError(f"{path}: unknown backbone format '{suffix or 'no suffix'}'; "
+                          "use .prototxt, .onnx, .json, torchvision:NAME, or pass an nn.Module")

@@ -1,0 +1,7 @@
+"""Graph IR: nodes, the op registry, and (de)serialisation."""
+
+from .graph import Graph, Node
+from .ops import REGISTRY, Attr, Lowering, OpDef, get_op
+from .serialize import load_graph, save_graph
+
+__all__ = ["Graph", "Node", "REGISTRY", "Attr", "Lowering", "OpDef", "get_op", "load_graph", "save_graph"]

@@ -1,0 +1,499 @@
+"""The op registry: every IR op is defined once, here.
+
+An :class:`OpDef` gives an op's attribute schema, its arity, the shapes of its parameters and buffers, its
+shape rule, its FLOP count and its torch lowering. Frontends map foreign operators onto these names;
+backends lower them; nothing else knows what an op means.
+
+FLOPs are counted as multiply-accumulates (the convention of torchvision's model tables and of the MTL
+papers' "FLOPs" columns); parameter-free elementwise ops cost one per output element.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import GraphError, ShapeError
+from . import functional as AF
+
+Shape = tuple[int, ...]
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One attribute of an op: its kind (int, float, bool, str, pair, ints, floats, shape) and default."""
+
+    kind: str
+    default: Any = REQUIRED
+
+    def normalise(self, value: Any, where: str) -> Any:
+        """Coerce ``value`` to this attribute's kind; raise GraphError naming ``where`` if impossible."""
+        if value is None and self.default is None:
+            return None
+        try:
+            if self.kind == "int":
+                if isinstance(value, bool) or int(value) != value:
+                    raise ValueError
+                return int(value)
+            if self.kind == "float":
+                return float(value)
+            if self.kind == "bool":
+                if value not in (True, False, 0, 1):
+                    raise ValueError
+                return bool(value)
+            if self.kind == "str":
+                if not isinstance(value, str):
+                    raise ValueError
+                return value
+            if self.kind == "pair":
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    value = (value, value)
+                pair = tuple(int(v) for v in value)
+                if len(pair) != 2:
+                    raise ValueError
+                return pair
+            if self.kind in ("ints", "shape"):
+                return tuple(int(v) for v in value)
+            if self.kind == "floats":
+                return tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            pass
+        else:
+            raise AssertionError(f"unknown attribute kind {self.kind}")
+        raise GraphError(f"{where}: attribute value {value!r} is not a valid {self.kind}")
+
+
+@dataclass
+class Lowering:
+    """How one node becomes torch: a module to call, or a function with constant keyword arguments."""
+
+    module: nn.Module | None = None
+    function: Callable[..., Any] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+ShapeRule = Callable[[dict[str, Any], list[Shape]], Shape]
+ParamRule = Callable[[dict[str, Any], list[Shape]], dict[str, Shape]]
+FlopRule = Callable[[dict[str, Any], list[Shape], Shape], int]
+LowerRule = Callable[[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]], Lowering]
+InitRule = Callable[[dict[str, Any], dict[str, Shape], torch.Generator], dict[str, torch.Tensor]]
+
+
+def _no_tensors(attrs: dict[str, Any], shapes: list[Shape]) -> dict[str, Shape]:
+    return {}
+
+
+def _no_init(attrs: dict[str, Any], shapes: dict[str, Shape], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {}
+
+
+def _numel(shape: Shape) -> int:
+    return math.prod(shape)
+
+
+def _elementwise_flops(attrs: dict[str, Any], ins: list[Shape], out: Shape) -> int:
+    return _numel(out)
+
+
+def _free(attrs: dict[str, Any], ins: list[Shape], out: Shape) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """The single definition of an IR op."""
+
+    name: str
+    doc: str
+    shape: ShapeRule
+    lower: LowerRule
+    attrs: Mapping[str, Attr] = field(default_factory=dict)
+    arity: tuple[int, int | None] = (1, 1)
+    params: ParamRule = _no_tensors
+    buffers: ParamRule = _no_tensors
+    flops: FlopRule = _elementwise_flops
+    init: InitRule = _no_init
+
+    def normalise_attrs(self, attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """Fill defaults and coerce values; unknown or missing attributes are a GraphError naming ``where``."""
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            raise GraphError(f"{where}: op '{self.name}' has no attribute(s) {sorted(unknown)}; "
+                             f"it takes {sorted(self.attrs)}")
+        out: dict[str, Any] = {}
+        for key, spec in self.attrs.items():
+            if key in attrs:
+                out[key] = spec.normalise(attrs[key], f"{where}.{key}")
+            elif spec.default is REQUIRED:
+                raise GraphError(f"{where}: op '{self.name}' needs attribute '{key}'")
+            else:
+                out[key] = spec.default
+        return out
+
+    def check_arity(self, n: int, where: str) -> None:
+        """Raise GraphError if ``n`` inputs is not allowed for this op."""
+        lo, hi = self.arity
+        if n < lo or (hi is not None and n > hi):
+            want = f"{lo}" if lo == hi else f"{lo} to {hi if hi is not None else 'any number of'}"
+            raise GraphError(f"{where}: op '{self.name}' takes {want} input(s), got {n}")
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def register(op: OpDef) -> OpDef:
+    """Add ``op`` to the registry (each name once)."""
+    if op.name in REGISTRY:
+        raise ValueError(f"op {op.name} registered twice")
+    REGISTRY[op.name] = op
+    return op
+
+
+def get_op(name: str, where: str = "") -> OpDef:
+    """Look up an op by name; unknown names are a GraphError listing the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise GraphError(f"{where + ': ' if where else ''}unknown op '{name}'; known ops: "
+                         f"{', '.join(sorted(REGISTRY))}") from None
+
+
+def _need_rank(shape: Shape, rank: int, op: str) -> None:
+    if len(shape) != rank:
+        raise ShapeError(f"op '{op}' needs a {rank}-D input, got shape {list(shape)}")
+
+
+def _window_out(size: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
+    span = size + 2 * p - d * (k - 1) - 1
+    if span < 0:
+        raise ShapeError(f"window of {k} (dilation {d}, padding {p}) is larger than the input size {size}")
+    out = (math.ceil(span / s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _pool_shape(attrs: dict[str, Any], ins: list[Shape], name: str) -> Shape:
+    x = ins[0]
+    _need_rank(x, 4, name)
+    stride = attrs["stride"] or attrs["kernel_size"]
+    dil = attrs.get("dilation", (1, 1))
+    hw = tuple(_window_out(x[2 + i], attrs["kernel_size"][i], stride[i], attrs["padding"][i], dil[i],
+                           attrs["ceil_mode"]) for i in range(2))
+    return (x[0], x[1], *hw)
+
+
+# ---------------------------------------------------------------- graph input
+
+register(OpDef(
+    name="input", doc="A graph input of a fixed shape.", arity=(0, 0),
+    attrs={"shape": Attr("shape")},
+    shape=lambda a, ins: a["shape"], flops=_free,
+    lower=lambda a, p, b: Lowering(),
+))
+
+# ---------------------------------------------------------------- convolution
+
+
+def _conv_params(a: dict[str, Any], ins: list[Shape]) -> dict[str, Shape]:
+    _need_rank(ins[0], 4, "conv2d")
+    cin = ins[0][1]
+    if cin % a["groups"] or a["out_channels"] % a["groups"]:
+        raise ShapeError(f"conv2d: {cin} input and {a['out_channels']} output channels are not "
+                         f"divisible by groups={a['groups']}")
+    shapes = {"weight": (a["out_channels"], cin // a["groups"], *a["kernel_size"])}
+    if a["bias"]:
+        shapes["bias"] = (a["out_channels"],)
+    return shapes
+
+
+def _conv_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
+    x = ins[0]
+    _conv_params(a, ins)
+    hw = tuple(_window_out(x[2 + i], a["kernel_size"][i], a["stride"][i], a["padding"][i], a["dilation"][i],
+                           False) for i in range(2))
+    return (x[0], a["out_channels"], *hw)
+
+
+def _conv_flops(a: dict[str, Any], ins: list[Shape], out: Shape) -> int:
+    per_out = (ins[0][1] // a["groups"]) * a["kernel_size"][0] * a["kernel_size"][1]
+    return _numel(out) * per_out + (_numel(out) if a["bias"] else 0)
+
+
+def _conv_init(a: dict[str, Any], shapes: dict[str, Shape], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    w = shapes["weight"]
+    fan_out = w[0] * w[2] * w[3]
+    out = {"weight": torch.randn(w, generator=gen) * math.sqrt(2.0 / fan_out)}
+    if "bias" in shapes:
+        out["bias"] = torch.zeros(shapes["bias"])
+    return out
+
+
+def _conv_lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Lowering:
+    w = p["weight"]
+    m = nn.Conv2d(w.shape[1] * a["groups"], a["out_channels"], a["kernel_size"], a["stride"], a["padding"],
+                  a["dilation"], a["groups"], bias=a["bias"], device="meta")
+    m.weight = nn.Parameter(w)
+    if a["bias"]:
+        m.bias = nn.Parameter(p["bias"])
+    return Lowering(module=m)
+
+
+register(OpDef(
+    name="conv2d", doc="2-D convolution (cross-correlation), symmetric zero padding.",
+    attrs={"out_channels": Attr("int"), "kernel_size": Attr("pair"), "stride": Attr("pair", (1, 1)),
+           "padding": Attr("pair", (0, 0)), "dilation": Attr("pair", (1, 1)), "groups": Attr("int", 1),
+           "bias": Attr("bool", False)},
+    shape=_conv_shape, params=_conv_params, flops=_conv_flops, init=_conv_init, lower=_conv_lower,
+))
+
+# ---------------------------------------------------------------- normalisation
+
+
+def _bn_params(a: dict[str, Any], ins: list[Shape]) -> dict[str, Shape]:
+    return {"weight": (ins[0][1],), "bias": (ins[0][1],)} if a["affine"] else {}
+
+
+def _bn_buffers(a: dict[str, Any], ins: list[Shape]) -> dict[str, Shape]:
+    c = ins[0][1]
+    return {"running_mean": (c,), "running_var": (c,), "num_batches_tracked": ()} if a["track_running_stats"] else {}
+
+
+def _bn_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
+    _need_rank(ins[0], 4, "batchnorm2d")
+    return ins[0]
+
+
+def _bn_init(a: dict[str, Any], shapes: dict[str, Shape], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if "weight" in shapes:
+        out["weight"] = torch.ones(shapes["weight"])
+        out["bias"] = torch.zeros(shapes["bias"])
+    if "running_mean" in shapes:
+        out["running_mean"] = torch.zeros(shapes["running_mean"])
+        out["running_var"] = torch.ones(shapes["running_var"])
+        out["num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+    return out
+
+
+def _bn_lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Lowering:
+    c = (p.get("weight") if a["affine"] else b["running_mean"]).shape[0]
+    m = nn.BatchNorm2d(c, eps=a["eps"], momentum=a["momentum"], affine=a["affine"],
+                       track_running_stats=a["track_running_stats"])
+    if a["affine"]:
+        m.weight = nn.Parameter(p["weight"])
+        m.bias = nn.Parameter(p["bias"])
+    for key, value in b.items():
+        setattr(m, key, value)
+    return Lowering(module=m)
+
+
+register(OpDef(
+    name="batchnorm2d", doc="Batch normalisation over channels (dim 1) of a 4-D tensor.",
+    attrs={"eps": Attr("float", 1e-5), "momentum": Attr("float", 0.1), "affine": Attr("bool", True),
+           "track_running_stats": Attr("bool", True)},
+    shape=_bn_shape, params=_bn_params, buffers=_bn_buffers, init=_bn_init, lower=_bn_lower,
+    flops=lambda a, ins, out: 2 * _numel(out),
+))
+
+# ---------------------------------------------------------------- activations
+
+
+def _same(a: dict[str, Any], ins: list[Shape]) -> Shape:
+    return ins[0]
+
+
+def _fn(function: Callable[..., Any], **fixed: Any) -> LowerRule:
+    def lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Lowering:
+        return Lowering(function=function, kwargs={**fixed, **a})
+    return lower
+
+
+for _name, _f, _doc in [
+    ("relu", F.relu, "max(x, 0)"),
+    ("relu6", F.relu6, "min(max(x, 0), 6)"),
+    ("silu", F.silu, "x * sigmoid(x) (swish)"),
+    ("sigmoid", torch.sigmoid, "1 / (1 + exp(-x))"),
+    ("tanh", torch.tanh, "hyperbolic tangent"),
+    ("hardswish", F.hardswish, "x * relu6(x + 3) / 6"),
+    ("hardsigmoid", F.hardsigmoid, "relu6(x + 3) / 6"),
+    ("identity", torch.clone, "y = x (kept as a node so that graphs round-trip)"),
+]:
+    register(OpDef(name=_name, doc=_doc, shape=_same, lower=_fn(_f), flops=(
+        _free if _name == "identity" else _elementwise_flops)))
+
+register(OpDef(name="gelu", doc="Gaussian error linear unit ('none' exact or 'tanh' approximation).",
+               attrs={"approximate": Attr("str", "none")}, shape=_same, lower=_fn(F.gelu)))
+register(OpDef(name="leaky_relu", doc="max(x, 0) + negative_slope * min(x, 0).",
+               attrs={"negative_slope": Attr("float", 0.01)}, shape=_same, lower=_fn(F.leaky_relu)))
+register(OpDef(name="clip", doc="Clamp to [min, max] (hardtanh).",
+               attrs={"min": Attr("float"), "max": Attr("float")}, shape=_same,
+               lower=lambda a, p, b: Lowering(function=F.hardtanh,
+                                              kwargs={"min_val": a["min"], "max_val": a["max"]})))
+
+
+def _module_lower(factory: Callable[[dict[str, Any]], nn.Module]) -> LowerRule:
+    return lambda a, p, b: Lowering(module=factory(a))
+
+
+register(OpDef(name="dropout", doc="Dropout with probability p in training; identity in eval.",
+               attrs={"p": Attr("float", 0.5)}, shape=_same, flops=_free,
+               lower=_module_lower(lambda a: nn.Dropout(a["p"]))))
+
+
+def _stochastic_depth(a: dict[str, Any]) -> nn.Module:
+    from torchvision.ops import StochasticDepth
+    return StochasticDepth(a["p"], a["mode"])
+
+
+register(OpDef(name="stochastic_depth", doc="Drop whole residual branches in training (torchvision).",
+               attrs={"p": Attr("float"), "mode": Attr("str", "row")}, shape=_same, flops=_free,
+               lower=_module_lower(_stochastic_depth)))
+
+# ---------------------------------------------------------------- pooling
+
+_POOL_ATTRS = {"kernel_size": Attr("pair"), "stride": Attr("pair", None), "padding": Attr("pair", (0, 0)),
+               "ceil_mode": Attr("bool", False)}
+
+
+def _pool_flops(a: dict[str, Any], ins: list[Shape], out: Shape) -> int:
+    return _numel(out) * a["kernel_size"][0] * a["kernel_size"][1]
+
+
+def _pool_lower(function: Callable[..., Any]) -> LowerRule:
+    def lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Lowering:
+        kw = dict(a)
+        kw["stride"] = a["stride"] or a["kernel_size"]
+        return Lowering(function=function, kwargs=kw)
+    return lower
+
+
+register(OpDef(name="maxpool2d", doc="Max pooling; ceil_mode rounds the output size up (Caffe's CEIL).",
+               attrs={**_POOL_ATTRS, "dilation": Attr("pair", (1, 1))},
+               shape=lambda a, ins: _pool_shape(a, ins, "maxpool2d"), flops=_pool_flops,
+               lower=_pool_lower(F.max_pool2d)))
+register(OpDef(name="avgpool2d", doc="Average pooling.",
+               attrs={**_POOL_ATTRS, "count_include_pad": Attr("bool", True)},
+               shape=lambda a, ins: _pool_shape(a, ins, "avgpool2d"), flops=_pool_flops,
+               lower=_pool_lower(F.avg_pool2d)))
+
+
+def _adaptive_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
+    _need_rank(ins[0], 4, "adaptive pooling")
+    return (ins[0][0], ins[0][1], *a["output_size"])
+
+
+for _name, _f in [("adaptive_avgpool2d", F.adaptive_avg_pool2d), ("adaptive_maxpool2d", F.adaptive_max_pool2d)]:
+    register(OpDef(name=_name, doc="Adaptive pooling to a fixed output size; (1, 1) is global pooling.",
+                   attrs={"output_size": Attr("pair")}, shape=_adaptive_shape,
+                   flops=lambda a, ins, out: _numel(ins[0]), lower=_fn(_f)))
+
+
+def _mean_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
+    rank = len(ins[0])
+    dims = {d % rank for d in a["dim"]}
+    if a["keepdim"]:
+        return tuple(1 if i in dims else s for i, s in enumerate(ins[0]))
+    return tuple(s for i, s in enumerate(ins[0]) if i not in dims)
+
+
+register(OpDef(name="mean", doc="Mean over the given dimensions.",
+               attrs={"dim": Attr("ints"), "keepdim": Attr("bool", False)}, shape=_mean_shape,
+               flops=lambda a, ins, out: _numel(ins[0]), lower=_fn(torch.mean)))
+
+# ---------------------------------------------------------------- elementwise n-ary
+
+
+def _broadcast(a: dict[str, Any], ins: list[Shape]) -> Shape:
+    try:
+        return tuple(torch.broadcast_shapes(*ins))
+    except RuntimeError:
+        raise ShapeError(f"input shapes {[list(s) for s in ins]} do not broadcast") from None
+
+
+def _nary_flops(a: dict[str, Any], ins: list[Shape], out: Shape) -> int:
+    return _numel(out) * (len(ins) - 1)
+
+
+register(OpDef(name="add", doc="Elementwise sum with broadcasting; optional per-input coefficients (Eltwise).",
+               attrs={"coeffs": Attr("floats", None)}, arity=(2, None), shape=_broadcast, flops=_nary_flops,
+               lower=lambda a, p, b: Lowering(function=AF.weighted_sum,
+                                              kwargs={} if a["coeffs"] is None else {"coeffs": a["coeffs"]})))
+register(OpDef(name="mul", doc="Elementwise product with broadcasting (squeeze-excitation scaling).",
+               arity=(2, None), shape=_broadcast, flops=_nary_flops, lower=_fn(AF.product)))
+register(OpDef(name="max", doc="Elementwise maximum with broadcasting.",
+               arity=(2, None), shape=_broadcast, flops=_nary_flops, lower=_fn(AF.maximum)))
+
+
+def _concat_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
+    rank = len(ins[0])
+    d = a["dim"] % rank
+    for s in ins[1:]:
+        if len(s) != rank or any(s[i] != ins[0][i] for i in range(rank) if i != d):
+            raise ShapeError(f"concat along dim {a['dim']}: shapes {[list(s) for s in ins]} differ elsewhere")
+    return tuple(sum(s[d] for s in ins) if i == d else ins[0][i] for i in range(rank))
+
+
+register(OpDef(name="concat", doc="Concatenation along a dimension.", attrs={"dim": Attr("int", 1)},
+               arity=(1, None), shape=_concat_shape, flops=_free, lower=_fn(AF.concat)))
+
+# ---------------------------------------------------------------- reshaping and dense
+
+
+def _flatten_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
+    x = ins[0]
+    s, e = a["start_dim"] % len(x), a["end_dim"] % len(x)
+    return (*x[:s], math.prod(x[s:e + 1]), *x[e + 1:])
+
+
+register(OpDef(name="flatten", doc="Merge dimensions start_dim..end_dim into one.",
+               attrs={"start_dim": Attr("int", 1), "end_dim": Attr("int", -1)},
+               shape=_flatten_shape, flops=_free, lower=_fn(torch.flatten)))
+
+
+def _linear_params(a: dict[str, Any], ins: list[Shape]) -> dict[str, Shape]:
+    if len(ins[0]) != 2:
+        raise ShapeError(f"linear needs a 2-D input [N, features], got {list(ins[0])}; flatten it first")
+    shapes = {"weight": (a["out_features"], ins[0][1])}
+    if a["bias"]:
+        shapes["bias"] = (a["out_features"],)
+    return shapes
+
+
+def _linear_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
+    _linear_params(a, ins)
+    return (ins[0][0], a["out_features"])
+
+
+def _linear_init(a: dict[str, Any], shapes: dict[str, Shape], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    bound = 1.0 / math.sqrt(shapes["weight"][1])
+    out = {"weight": (torch.rand(shapes["weight"], generator=gen) * 2 - 1) * bound}
+    if "bias" in shapes:
+        out["bias"] = (torch.rand(shapes["bias"], generator=gen) * 2 - 1) * bound
+    return out
+
+
+def _linear_lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Lowering:
+    w = p["weight"]
+    m = nn.Linear(w.shape[1], w.shape[0], bias=a["bias"], device="meta")
+    m.weight = nn.Parameter(w)
+    if a["bias"]:
+        m.bias = nn.Parameter(p["bias"])
+    return Lowering(module=m)
+
+
+register(OpDef(name="linear", doc="Fully connected layer y = x W^T + b on a 2-D input.",
+               attrs={"out_features": Attr("int"), "bias": Attr("bool", True)},
+               shape=_linear_shape, params=_linear_params, init=_linear_init, lower=_linear_lower,
+               flops=lambda a, ins, out: _numel(out) * ins[0][1]))
+
+
+def tensor_shapes(op: OpDef, attrs: dict[str, Any], in_shapes: list[Shape]) -> dict[str, Shape]:
+    """Shapes of all parameters and buffers of a node of ``op`` with these inputs."""
+    return {**op.params(attrs, in_shapes), **op.buffers(attrs, in_shapes)}

@@ -1,0 +1,115 @@
+"""Save and load a Graph: structure in JSON, tensors in a safetensors file beside it.
+
+Loading never unpickles: JSON and safetensors carry data only, so a graph file from anyone is safe to open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import AutomtlError, FileFormatError, require_file
+from .graph import Graph
+
+FORMAT = "automtl-graph"
+VERSION = 1
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then move the result onto ``path``; a failure leaves ``path`` untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def weights_path(json_path: str | Path) -> Path:
+    """The safetensors file that goes with a graph JSON file."""
+    return Path(json_path).with_suffix(".safetensors")
+
+
+def graph_tensors(graph: Graph) -> dict[str, torch.Tensor]:
+    """All tensors of a graph keyed ``node/name`` (contiguous copies, as safetensors needs)."""
+    out: dict[str, torch.Tensor] = {}
+    for node in graph.nodes():
+        for key, t in {**node.params, **node.buffers}.items():
+            out[f"{node.name}/{key}"] = t.detach().cpu().contiguous().clone()
+    return out
+
+
+def save_graph(graph: Graph, path: str | Path) -> Path:
+    """Write ``graph`` to ``path`` (JSON) and its tensors to ``path`` with suffix ``.safetensors``."""
+    path = Path(path)
+    doc = {
+        "format": FORMAT, "version": VERSION, "name": graph.name, "outputs": graph.outputs,
+        "weights": weights_path(path).name,
+        "nodes": [{"name": n.name, "op": n.op, "inputs": n.inputs,
+                   "attrs": {k: _jsonable(v) for k, v in n.attrs.items()},
+                   "params": sorted(n.params), "buffers": sorted(n.buffers),
+                   "shape": list(n.shape) if n.shape is not None else None, "source": n.source}
+                  for n in graph.topological_order()],
+    }
+    tensors = graph_tensors(graph)
+    atomic_write(weights_path(path), lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)))
+    return path
+
+
+def load_graph(path: str | Path) -> Graph:
+    """Read a graph written by :func:`save_graph`; a corrupt or foreign file is a FileFormatError."""
+    path = require_file(path, "graph JSON file")
+    try:
+        doc = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FileFormatError(f"{path}: not a graph JSON file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise FileFormatError(f"{path}: not an automtl graph file (no \"format\": \"{FORMAT}\")")
+    if doc.get("version") != VERSION:
+        raise FileFormatError(f"{path}: graph format version {doc.get('version')} is not supported "
+                              f"(this automtl reads version {VERSION})")
+    wpath = require_file(path.parent / doc.get("weights", weights_path(path).name), "graph weights file")
+    try:
+        tensors = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FileFormatError(f"{wpath}: corrupt safetensors file ({e}); re-export the graph") from None
+    graph = Graph(doc.get("name", path.stem))
+    try:
+        for rec in doc["nodes"]:
+            name = rec["name"]
+
+            def take(keys: list[str]) -> dict[str, torch.Tensor]:
+                missing = [k for k in keys if f"{name}/{k}" not in tensors]
+                if missing:
+                    raise FileFormatError(f"{wpath}: no tensor(s) {missing} for node '{name}'")
+                return {k: tensors[f"{name}/{k}"] for k in keys}
+
+            graph.add_node(name, rec["op"], rec["inputs"], rec["attrs"], params=take(rec["params"]),
+                           buffers=take(rec["buffers"]), shape=rec["shape"], source=rec.get("source"),
+                           check=False)
+        graph.relink()
+        graph.outputs = list(doc["outputs"])
+    except (KeyError, TypeError) as e:
+        raise FileFormatError(f"{path}: malformed graph record ({e!r})") from None
+    except AutomtlError as e:
+        raise type(e)(f"{path}: {e}") from None
+    graph.validate()
+    return graph
