@@ -1,0 +1,1 @@
+"""Caffe protobuf schema (subset + AutoMTL dialect); see README.md."""
