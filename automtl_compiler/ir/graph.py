@@ -212,6 +212,7 @@ class Graph:
         conflicts, missing, unused or mis-shaped parameters.
         """
         problems: list[str] = []
+        error: type[GraphError] = GraphError
         for node in self.nodes():
             try:
                 opdef = get_op(node.op, node.where)
@@ -230,8 +231,9 @@ class Graph:
                 self.copy().materialise(seed=None)
             except GraphError as e:
                 problems.append(str(e))
+                error = type(e)
         if problems:
-            raise GraphError(f"graph '{self.name}' is invalid:\n  " + "\n  ".join(problems))
+            raise error(f"graph '{self.name}' is invalid:\n  " + "\n  ".join(problems))
         return self
 
     def num_parameters(self) -> int:

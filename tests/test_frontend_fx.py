@@ -1,0 +1,122 @@
+"""torch.fx frontend: exact parity with torchvision models, FLOPs against torchvision's tables, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from automtl_compiler import load_backbone, to_torch
+from automtl_compiler.errors import AutomtlError, UnsupportedOpError
+
+FAST = ["resnet18", "mobilenet_v2", "mobilenet_v3_large", "mnasnet1_0", "efficientnet_b0"]
+SLOW = ["resnet34", "resnet50", "vgg16_bn", "densenet121"]
+
+
+def randomised(name: str) -> nn.Module:
+    """A torchvision model with random weights and non-trivial batch-norm statistics, in eval mode."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None)
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model.eval()
+
+
+def check_parity(name: str) -> None:
+    model = randomised(name)
+    shape = (2, 3, 64, 64)
+    graph = load_backbone(model, input_shape=shape)
+    compiled = to_torch(graph).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert graph.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert graph.node(graph.outputs[0]).shape == (2, 1000)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_fx_parity(name):
+    check_parity(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW)
+def test_fx_parity_large(name):
+    check_parity(name)
+
+
+@pytest.mark.parametrize("name,weights", [("resnet18", "ResNet18_Weights"), ("mobilenet_v2", "MobileNet_V2_Weights"),
+                                          ("mnasnet1_0", "MNASNet1_0_Weights")])
+def test_conv_and_linear_flops_match_torchvision_tables(name, weights):
+    graph = load_backbone(torchvision.models.get_model(name, weights=None))
+    macs = sum(graph.node_flops(n) for n in graph.nodes() if n.op in ("conv2d", "linear"))
+    assert macs / 1e9 == pytest.approx(getattr(torchvision.models, weights).DEFAULT.meta["_ops"], abs=6e-4)
+
+
+def test_torchvision_source_string():
+    graph = load_backbone("torchvision:resnet18", input_shape=(1, 3, 32, 32))
+    assert graph.num_parameters() == 11_689_512
+    with pytest.raises(AutomtlError, match="no model 'resnet19'"):
+        load_backbone("torchvision:resnet19")
+
+
+def test_compiled_module_round_trips_through_fx_again():
+    graph = load_backbone(randomised("mobilenet_v2"), input_shape=(1, 3, 32, 32))
+    again = load_backbone(to_torch(graph).eval(), input_shape=(1, 3, 32, 32))
+    assert [n.op for n in again.topological_order()] == [n.op for n in graph.topological_order()]
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(to_torch(again).eval()(x), to_torch(graph).eval()(x), rtol=0, atol=0)
+
+
+class WithSoftmax(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.ReLU(), Softmaxer()))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Softmaxer(nn.Module):
+    def forward(self, x):
+        return torch.softmax(x, dim=1)
+
+
+def test_unknown_call_names_fx_node_and_module_path():
+    with pytest.raises(UnsupportedOpError, match=r"softmax.*module 'body\.1\.1'"):
+        load_backbone(WithSoftmax(), input_shape=(1, 3, 8, 8))
+
+
+def test_unknown_layer_names_the_module():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]))
+    with pytest.raises(UnsupportedOpError, match=r"module '1'.*LayerNorm"):
+        load_backbone(model, input_shape=(1, 3, 8, 8))
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x
+        return -x
+
+
+def test_untraceable_module_gives_advice():
+    with pytest.raises(UnsupportedOpError, match="could not trace DataDependent.*ONNX"):
+        load_backbone(DataDependent(), input_shape=(1, 3, 8, 8))
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    with pytest.raises(AutomtlError, match=r"failed on an input of shape \[1, 1, 32, 32\]"):
+        load_backbone(torchvision.models.resnet18(), input_shape=(1, 1, 32, 32))
+
+
+def test_training_state_is_preserved():
+    model = torchvision.models.resnet18().train()
+    load_backbone(model, input_shape=(1, 3, 32, 32))
+    assert model.training and model.bn1.num_batches_tracked.item() == 0
