@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from automtl_compiler import load_backbone, to_torch
-from automtl_compiler.errors import AutomtlError, UnsupportedOpError
+from automtl_compiler.errors import AutomtlError, ShapeError, UnsupportedOpError
 
 FAST = ["resnet18", "mobilenet_v2", "mobilenet_v3_large", "mnasnet1_0", "efficientnet_b0"]
 SLOW = ["resnet34", "resnet50", "vgg16_bn", "densenet121"]
@@ -112,8 +112,33 @@ def test_untraceable_module_gives_advice():
 
 
 def test_wrong_input_shape_is_a_clear_error():
-    with pytest.raises(AutomtlError, match=r"failed on an input of shape \[1, 1, 32, 32\]"):
+    with pytest.raises(ShapeError, match=r"node 'conv1'.*weight.*input shape was \[1, 1, 32, 32\]"):
         load_backbone(torchvision.models.resnet18(), input_shape=(1, 1, 32, 32))
+
+
+def test_view_that_is_not_a_flatten_is_rejected():
+    class Viewer(nn.Module):
+        def forward(self, x):
+            return x.view(2, -1)
+
+    with pytest.raises(UnsupportedOpError, match="view.*not a flatten"):
+        load_backbone(Viewer(), input_shape=(2, 3, 4, 4))
+
+
+def test_view_flatten_is_mapped():
+    class Viewer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(48, 2)
+
+        def forward(self, x):
+            return self.fc(x.view(x.size(0), -1))
+
+    model = Viewer().eval()
+    graph = load_backbone(model, input_shape=(2, 3, 4, 4))
+    assert [n.op for n in graph.topological_order()] == ["input", "flatten", "linear"]
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(to_torch(graph)(x), model(x))
 
 
 def test_training_state_is_preserved():

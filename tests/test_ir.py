@@ -110,7 +110,8 @@ def test_generated_module_trains_and_is_traceable():
     assert "def forward" in m.code and "self.conv" in m.code
     traced = fx.symbolic_trace(m.eval())
     torch.testing.assert_close(traced(x), m(x))
-    assert not torch.equal(g.node("bn").buffers["running_mean"], m.bn.running_mean), "module must own copies"
+    assert torch.equal(g.node("bn").buffers["running_mean"], m.bn.running_mean), "module shares the graph's tensors"
+    assert m.conv.weight.data_ptr() == g.node("conv").params["weight"].data_ptr()
 
 
 def test_save_load_round_trip(tmp_path):

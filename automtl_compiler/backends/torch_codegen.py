@@ -30,8 +30,10 @@ def module_name(node_name: str) -> str:
 def to_torch(graph: Graph, *, class_name: str | None = None) -> fx.GraphModule:
     """Compile ``graph`` to a GraphModule whose forward takes the graph inputs in order.
 
-    Returns a single tensor when the graph has one output, else a tuple in output order. Parameters are
-    shared with the graph's tensors' storage only through copies: the module owns its own tensors.
+    Returns a single tensor when the graph has one output, else a tuple in output order. As in torch.fx,
+    the module's parameters and buffers are the graph's tensors, not copies: compiling is cheap, and
+    training the module updates the graph (save it afterwards to keep the trained weights). Compile
+    ``graph.copy()`` for an independent module.
     """
     fxg = fx.Graph()
     modules: dict[str, nn.Module] = {}
@@ -42,9 +44,7 @@ def to_torch(graph: Graph, *, class_name: str | None = None) -> fx.GraphModule:
             values[node.name] = fxg.placeholder(module_name(node.name))
             continue
         opdef = get_op(node.op, node.where)
-        params = {k: v.detach().clone() for k, v in node.params.items()}
-        buffers = {k: v.detach().clone() for k, v in node.buffers.items()}
-        lowering = opdef.lower(node.attrs, params, buffers)
+        lowering = opdef.lower(node.attrs, node.params, node.buffers)
         args = tuple(values[i] for i in node.inputs)
         if lowering.module is not None:
             mname = module_name(node.name)

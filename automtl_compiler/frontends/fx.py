@@ -1,8 +1,9 @@
 """torch.fx frontend: any traceable ``nn.Module`` -> Graph.
 
 The module is traced symbolically (standard torch.nn layers and torchvision's StochasticDepth stay
-leaves), shapes come from running the traced module once on a random input, and parameters and buffers
-are copied. A call with no registry mapping is an UnsupportedOpError naming the fx node and the module
+leaves) and converted node by node; shapes then follow from the registry's shape rules at the given input
+shape, so nothing is executed (compiling ResNet-50 costs no forward pass). Parameters and buffers are
+copied. A call with no registry mapping is an UnsupportedOpError naming the fx node and the module
 path it sits in.
 """
 
@@ -14,9 +15,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from ..errors import AutomtlError, UnsupportedOpError
+from ..errors import AutomtlError, ShapeError, UnsupportedOpError
 from ..ir.graph import Graph
 
 Mapped = tuple[str, dict[str, Any]]
@@ -76,9 +76,10 @@ def _pool(m: nn.Module, op: str) -> Mapped:
     return op, attrs
 
 
-def _adaptive(size: Any, op: str, in_shape: tuple[int, ...]) -> Mapped:
+def _adaptive(size: Any, op: str) -> Mapped:
     size = _pair(size)
-    size = tuple(in_shape[2 + i] if s is None else s for i, s in enumerate(size))
+    if None in size:
+        raise ValueError("adaptive pooling that keeps an input dimension (None) is not supported")
     return op, {"output_size": size}
 
 
@@ -133,14 +134,12 @@ def _module_path(node: fx.Node) -> str:
 class _Converter:
     """Walks a traced, shape-propagated GraphModule and emits IR nodes."""
 
-    def __init__(self, gm: fx.GraphModule, name: str) -> None:
+    def __init__(self, gm: fx.GraphModule, name: str, input_shape: tuple[int, ...]) -> None:
         self.gm = gm
+        self.input_shape = input_shape
         self.graph = Graph(name)
         self.value: dict[fx.Node, str] = {}
         self.modules = dict(gm.named_modules())
-
-    def shape(self, n: fx.Node) -> tuple[int, ...]:
-        return tuple(n.meta["tensor_meta"].shape)
 
     def tensor_args(self, node: fx.Node, args: Any) -> list[str]:
         out = []
@@ -174,18 +173,17 @@ class _Converter:
 
     def visit(self, node: fx.Node) -> None:
         if node.op == "placeholder":
-            self.graph.add_input(node.name, self.shape(node))
+            if self.graph.inputs:
+                raise ValueError("modules with more than one input are not supported")
+            self.graph.add_input(node.name, self.input_shape)
             self.value[node] = node.name
         elif node.op == "output":
             outs = fx.node.map_arg(node.args[0], lambda n: n)
             flat: list[fx.Node] = []
             fx.node.map_aggregate(outs, lambda a: flat.append(a) if isinstance(a, fx.Node) else None)
             self.graph.set_outputs([self.value[n] for n in flat])
-        elif "tensor_meta" not in node.meta or not isinstance(node.meta["tensor_meta"], TensorMetadata):
-            if node.op == "call_method" and node.target == "size" or node.op == "call_function" and \
-                    node.target is getattr:
-                return
-            raise ValueError("produces something other than one tensor")
+        elif node.op == "call_method" and node.target == "size" or node.target is getattr:
+            return
         elif node.op == "call_module":
             self.visit_module(node)
         elif node.op == "call_function":
@@ -201,7 +199,7 @@ class _Converter:
             op, attrs = "stochastic_depth", {"p": m.p, "mode": m.mode}
         elif type(m) in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
             op, attrs = _adaptive(m.output_size, "adaptive_avgpool2d" if isinstance(m, nn.AdaptiveAvgPool2d)
-                                  else "adaptive_maxpool2d", self.shape(node.args[0]))  # type: ignore[arg-type]
+                                  else "adaptive_maxpool2d")
             if getattr(m, "return_indices", False):
                 raise ValueError("return_indices=True is not supported")
         elif type(m) in _MODULES:
@@ -215,7 +213,6 @@ class _Converter:
 
     def visit_function(self, node: fx.Node) -> None:
         f, args, kw = node.target, node.args, node.kwargs
-        x_shape = self.shape(args[0]) if args and isinstance(args[0], fx.Node) else None
         if f in _UNARY_FUNCS:
             self.emit(node, _UNARY_FUNCS[f], {}, self.tensor_args(node, args[:1]))
         elif f in _BINARY_FUNCS:
@@ -234,7 +231,7 @@ class _Converter:
         elif f in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
             size = args[1] if len(args) > 1 else kw["output_size"]
             op = "adaptive_avgpool2d" if f is F.adaptive_avg_pool2d else "adaptive_maxpool2d"
-            self.emit(node, *_adaptive(size, op, x_shape), self.tensor_args(node, args[:1]))  # type: ignore
+            self.emit(node, *_adaptive(size, op), self.tensor_args(node, args[:1]))
         elif f in (F.dropout, F.gelu, F.leaky_relu, F.hardtanh, F.max_pool2d, F.avg_pool2d):
             self.visit_functional_layer(node)
         elif f is torch.mean:
@@ -281,9 +278,14 @@ class _Converter:
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             self.emit(node, "flatten", {"start_dim": start, "end_dim": end}, self.tensor_args(node, node.args[:1]))
         elif name in ("view", "reshape"):
-            src, out = self.shape(node.args[0]), self.shape(node)  # type: ignore[arg-type]
-            if len(out) != 2 or out[0] != src[0]:
-                raise ValueError(f"{name} from {list(src)} to {list(out)} is not a flatten to [N, -1]")
+            dims = node.args[1:]
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = tuple(dims[0])
+            batch = dims[0] if dims else None
+            keeps_batch = isinstance(batch, fx.Node) and batch.op == "call_method" and batch.target == "size" \
+                and batch.args[0] is node.args[0] and batch.args[1:] == (0,)
+            if len(dims) != 2 or dims[1] != -1 or not keeps_batch:
+                raise ValueError(f"{name}{tuple(dims)} is not a flatten to (x.size(0), -1)")
             self.emit(node, "flatten", {"start_dim": 1, "end_dim": -1}, self.tensor_args(node, node.args[:1]))
         elif name in ("add", "mul") and len(node.args) == 2:
             self.emit(node, name, {}, self.tensor_args(node, node.args))
@@ -291,11 +293,10 @@ class _Converter:
             raise UnsupportedOpError(f"{self.describe(node)}: tensor method '{name}' has no IR op")
 
 
-def from_module(module: nn.Module, *, input_shape: tuple[int, ...] = (1, 3, 224, 224), seed: int = 0) -> Graph:
+def from_module(module: nn.Module, *, input_shape: tuple[int, ...] = (1, 3, 224, 224)) -> Graph:
     """Trace ``module`` with torch.fx and convert it to a Graph with shapes and copied tensors.
 
-    Shapes come from one forward on a seeded random input of ``input_shape`` in eval mode, so batch
-    norm statistics are not touched; the module's train/eval state is restored afterwards.
+    Nothing runs the module: its state (training flag, batch-norm statistics) is untouched.
     """
     try:
         fx_graph = _Tracer().trace(module)
@@ -304,16 +305,9 @@ def from_module(module: nn.Module, *, input_shape: tuple[int, ...] = (1, 3, 224,
                                  "Data-dependent control flow is not traceable; export the model to ONNX "
                                  "and load the .onnx file instead") from None
     gm = fx.GraphModule(module, fx_graph, type(module).__name__)
-    was_training = module.training
-    gm.eval()
-    x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed))
+    graph = _Converter(gm, type(module).__name__.lower(), tuple(input_shape)).convert()
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(x)
-    except Exception as e:  # the user's module raised on the tracing input
-        raise AutomtlError(f"{type(module).__name__} failed on an input of shape {list(input_shape)}: "
-                           f"{type(e).__name__}: {e}; pass a suitable input_shape") from None
-    finally:
-        module.train(was_training)
-    graph = _Converter(gm, type(module).__name__.lower()).convert()
-    return graph.materialise(seed=None)
+        return graph.materialise(seed=None)
+    except ShapeError as e:
+        raise ShapeError(f"{e}; the input shape was {list(input_shape)}: pass the input_shape the model "
+                         "expects") from None
