@@ -1,0 +1,1 @@
+"""The ``automtl`` command line (installed as ``automtl_compiler.cli``)."""
