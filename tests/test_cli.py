@@ -1,0 +1,69 @@
+"""The automtl CLI through a real subprocess: outputs, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from automtl_compiler import load_backbone
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "automtl_compiler.cli.main", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_inspect_table_and_json():
+    res = run("inspect", "torchvision:resnet18", "--input-shape", "1,3,64,64")
+    assert res.returncode == 0, res.stderr
+    assert "11,689,512 parameters" in res.stdout and "layer4_1_conv2" in res.stdout
+    res = run("inspect", "torchvision:mobilenet_v2", "--input-shape", "1,3,32,32", "--json")
+    doc = json.loads(res.stdout)
+    assert doc["total_params"] == 3_504_872
+    assert doc["nodes"][0]["op"] == "input" and doc["nodes"][-1]["shape"] == [1, 1000]
+    assert sum(n["params"] for n in doc["nodes"]) == doc["total_params"]
+
+
+def test_convert_to_json_and_onnx(tmp_path):
+    out = tmp_path / "r18.json"
+    res = run("convert", "torchvision:resnet18", "-o", str(out), "--input-shape", "1,3,32,32")
+    assert res.returncode == 0, res.stderr
+    assert load_backbone(out).num_parameters() == 11_689_512
+    onnx_out = tmp_path / "r18.onnx"
+    res = run("convert", str(out), "-o", str(onnx_out))
+    assert res.returncode == 0, res.stderr
+    model = onnx.load(str(onnx_out))
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.name for o in model.graph.output] == ["fc"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["inspect", "missing.prototxt"], "missing.prototxt"),
+    (["inspect", "torchvision:resnet18", "--input-shape", "1,three"], "not a shape"),
+    (["inspect", "torchvision:nonet"], "no model 'nonet'"),
+    (["convert", "torchvision:resnet18", "-o", "out.txt"], "must end in"),
+    (["inspect", "model.h5"], "model.h5"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+    res = run(*args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def test_debug_shows_traceback(tmp_path):
+    res = run("--debug", "inspect", "missing.onnx", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" in res.stderr
+
+
+def test_failed_convert_keeps_existing_output(tmp_path):
+    out = tmp_path / "keep.json"
+    out.write_text("precious")
+    res = run("convert", "torchvision:resnet18", "-o", str(out), "--input-shape", "1,1,32,32")
+    assert res.returncode == 2 and "conv1" in res.stderr
+    assert out.read_text() == "precious"
