@@ -4,6 +4,7 @@ The public API is small: read a backbone into the graph IR, transform it, and ge
 """
 
 from .backends.torch_codegen import to_torch
+from .build import build_supermodel
 from .errors import AutomtlError
 from .frontends import load_backbone
 from .ir import Graph, Node, load_graph, save_graph
@@ -18,5 +19,5 @@ def export_prototxt(graph: Graph, path, *, weights: bool = True):  # type: ignor
     return _export(graph, path, weights=weights)
 
 
-__all__ = ["AutomtlError", "Graph", "Node", "export_prototxt", "load_backbone", "load_graph", "save_graph",
+__all__ = ["build_supermodel", "AutomtlError", "Graph", "Node", "export_prototxt", "load_backbone", "load_graph", "save_graph",
            "to_torch", "__version__"]

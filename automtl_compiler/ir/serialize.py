@@ -56,26 +56,33 @@ def graph_tensors(graph: Graph) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_graph(graph: Graph, path: str | Path) -> Path:
-    """Write ``graph`` to ``path`` (JSON) and its tensors to ``path`` with suffix ``.safetensors``."""
+def save_graph(graph: Graph, path: str | Path, *, tensors: bool = True) -> Path:
+    """Write ``graph`` to ``path`` (JSON) and its tensors to ``path`` with suffix ``.safetensors``.
+
+    With ``tensors=False`` only the structure is written (the caller stores the weights elsewhere).
+    """
     path = Path(path)
     doc = {
         "format": FORMAT, "version": VERSION, "name": graph.name, "outputs": graph.outputs,
-        "weights": weights_path(path).name,
+        "weights": weights_path(path).name if tensors else None,
         "nodes": [{"name": n.name, "op": n.op, "inputs": n.inputs,
                    "attrs": {k: _jsonable(v) for k, v in n.attrs.items()},
                    "params": sorted(n.params), "buffers": sorted(n.buffers),
                    "shape": list(n.shape) if n.shape is not None else None, "source": n.source}
                   for n in graph.topological_order()],
     }
-    tensors = graph_tensors(graph)
-    atomic_write(weights_path(path), lambda tmp: save_file(tensors, str(tmp)))
+    if tensors:
+        data = graph_tensors(graph)
+        atomic_write(weights_path(path), lambda tmp: save_file(data, str(tmp)))
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)))
     return path
 
 
 def load_graph(path: str | Path) -> Graph:
-    """Read a graph written by :func:`save_graph`; a corrupt or foreign file is a FileFormatError."""
+    """Read a graph written by :func:`save_graph`; a corrupt or foreign file is a FileFormatError.
+
+    A structure-only file (``tensors=False``) gets freshly initialised tensors (seed 0).
+    """
     path = require_file(path, "graph JSON file")
     try:
         doc = json.loads(path.read_text())
@@ -86,17 +93,22 @@ def load_graph(path: str | Path) -> Graph:
     if doc.get("version") != VERSION:
         raise FileFormatError(f"{path}: graph format version {doc.get('version')} is not supported "
                               f"(this automtl reads version {VERSION})")
-    wpath = require_file(path.parent / doc.get("weights", weights_path(path).name), "graph weights file")
-    try:
-        tensors = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FileFormatError(f"{wpath}: corrupt safetensors file ({e}); re-export the graph") from None
+    wpath = None
+    tensors: dict[str, torch.Tensor] = {}
+    if doc.get("weights") is not None:
+        wpath = require_file(path.parent / str(doc["weights"]), "graph weights file")
+        try:
+            tensors = load_file(str(wpath))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise FileFormatError(f"{wpath}: corrupt safetensors file ({e}); re-export the graph") from None
     graph = Graph(doc.get("name", path.stem))
     try:
         for rec in doc["nodes"]:
             name = rec["name"]
 
             def take(keys: list[str]) -> dict[str, torch.Tensor]:
+                if wpath is None:
+                    return {}
                 missing = [k for k in keys if f"{name}/{k}" not in tensors]
                 if missing:
                     raise FileFormatError(f"{wpath}: no tensor(s) {missing} for node '{name}'")
@@ -107,6 +119,8 @@ def load_graph(path: str | Path) -> Graph:
                            check=False)
         graph.relink()
         graph.outputs = list(doc["outputs"])
+        if wpath is None:
+            graph.materialise(seed=0)
     except (KeyError, TypeError) as e:
         raise FileFormatError(f"{path}: malformed graph record ({e!r})") from None
     except AutomtlError as e:

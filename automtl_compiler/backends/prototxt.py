@@ -1,0 +1,247 @@
+"""IR -> Caffe prototxt (+ a safetensors sidecar with the weights).
+
+The file is genuine-Caffe style: one ``Input`` layer with ``input_param { shape }`` per graph input,
+then one layer per node in topological order, named after the node, with one top named after the node
+too, so that :func:`automtl_compiler.frontends.prototxt.load_prototxt` reads back the same graph
+(node names, ops and attributes; float attributes at float32 precision, since Caffe's fields are
+``float``). Weights go to ``<path>.safetensors`` keyed ``<layer>/<tensor>``; the loader reads them only
+when passed as ``weights=``.
+
+automtl extensions (upstream Caffe does not read these; the frontend does)
+    * ``BatchNorm`` carries the whole PyTorch batch norm in the AutoMTL fields ``eps``, ``momentum``,
+      ``affine`` and ``track_running_stats`` (no separate ``Scale`` layer), so it round-trips exactly.
+    * Layer types ``ReLU6``, ``HardSwish``, ``HardSigmoid``, ``GELU`` (exact form only),
+      ``Identity`` and ``StochasticDepth`` (drop probability in ``dropout_param.dropout_ratio``, row
+      mode only); ``Swish`` is upstream Caffe's name for silu (beta 1).
+    * ``Eltwise`` inputs of different shapes broadcast (e.g. squeeze-excitation's ``mul``).
+    * ``mean`` over dims (2, 3) is a global ``AVE`` ``Pooling`` layer ``N`` (top ``N/pool``) followed,
+      when ``keepdim`` is false, by a ``Flatten`` layer ``N/flatten`` whose top is ``N``; the frontend
+      reads that pair back as one ``mean`` node. With ``keepdim`` true it reads back as the equivalent
+      ``adaptive_avgpool2d`` to (1, 1).
+
+Attributes the schema has no place for are refused with a clear error rather than dropped: gelu with
+``approximate='tanh'``, row-less stochastic depth, pooling with dilation, average pooling that excludes
+padding, adaptive pooling to a size other than (1, 1), mean over other dimensions. A prototxt's
+outputs are the blobs no layer reads, in layer order, so a graph whose outputs are read by other nodes
+(or that has dead nodes) cannot be written either.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import text_format
+from safetensors.torch import save_file
+
+from ..errors import GraphError, UnsupportedOpError
+from ..ir.graph import Graph, Node
+from ..ir.serialize import atomic_write, graph_tensors
+from ..proto import caffe_pb2
+
+_SIMPLE_TYPES = {"relu": "ReLU", "relu6": "ReLU6", "silu": "Swish", "sigmoid": "Sigmoid", "tanh": "TanH",
+                 "hardswish": "HardSwish", "hardsigmoid": "HardSigmoid", "identity": "Identity"}
+
+
+def _set_pair(param: Any, name: str, value: tuple[int, int], *, repeated: bool, skip_default: int | None = None) -> None:
+    """Write a 2-D size: one value when square, else ``<name>_h``/``<name>_w``."""
+    if skip_default is not None and value == (skip_default, skip_default):
+        return
+    if value[0] == value[1]:
+        if repeated:
+            getattr(param, name).append(value[0])
+        else:
+            setattr(param, name, value[0])
+        return
+    base = name.replace("_size", "")
+    if f"{base}_h" in param.DESCRIPTOR.fields_by_name:
+        setattr(param, f"{base}_h", value[0])
+        setattr(param, f"{base}_w", value[1])
+    else:  # dilation has no _h/_w form: one value per spatial axis
+        getattr(param, name).extend(value)
+
+
+class _Writer:
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.net = caffe_pb2.NetParameter(name=graph.name)
+        self.blob: dict[str, str] = {}
+
+    def layer(self, node: Node, kind: str, *, name: str | None = None, top: str | None = None,
+              bottoms: list[str] | None = None) -> Any:
+        layer = self.net.layer.add(name=name or node.name, type=kind)
+        layer.bottom.extend(bottoms if bottoms is not None else [self.blob[i] for i in node.inputs])
+        layer.top.append(top or node.name)
+        self.blob[node.name] = top or node.name
+        return layer
+
+    def refuse(self, node: Node, why: str) -> None:
+        raise UnsupportedOpError(f"export_prototxt: {node.where} (op '{node.op}'): {why}; the Caffe schema has no "
+                                 "place for it")
+
+    def write(self) -> Any:
+        for node in self.graph.topological_order():
+            handler = getattr(self, f"op_{node.op}", None)
+            if node.op in _SIMPLE_TYPES:
+                self.layer(node, _SIMPLE_TYPES[node.op])
+            elif handler is not None:
+                handler(node)
+            else:
+                raise UnsupportedOpError(f"export_prototxt: {node.where}: op '{node.op}' has no Caffe layer")
+        return self.net
+
+    def op_input(self, node: Node) -> None:
+        layer = self.layer(node, "Input", bottoms=[])
+        layer.input_param.shape.add().dim.extend(node.attrs["shape"])
+
+    def op_conv2d(self, node: Node) -> None:
+        a = node.attrs
+        p = self.layer(node, "Convolution").convolution_param
+        p.num_output = a["out_channels"]
+        p.bias_term = a["bias"]
+        _set_pair(p, "pad", a["padding"], repeated=True)
+        _set_pair(p, "kernel_size", a["kernel_size"], repeated=True)
+        _set_pair(p, "stride", a["stride"], repeated=True)
+        _set_pair(p, "dilation", a["dilation"], repeated=True, skip_default=1)
+        if a["groups"] != 1:
+            p.group = a["groups"]
+
+    def op_batchnorm2d(self, node: Node) -> None:
+        a = node.attrs
+        p = self.layer(node, "BatchNorm").batch_norm_param
+        p.eps = a["eps"]
+        p.momentum = a["momentum"]
+        p.affine = a["affine"]
+        p.track_running_stats = a["track_running_stats"]
+
+    def op_leaky_relu(self, node: Node) -> None:
+        self.layer(node, "ReLU").relu_param.negative_slope = node.attrs["negative_slope"]
+
+    def op_clip(self, node: Node) -> None:
+        p = self.layer(node, "Clip").clip_param
+        p.min, p.max = node.attrs["min"], node.attrs["max"]
+
+    def op_gelu(self, node: Node) -> None:
+        if node.attrs["approximate"] != "none":
+            self.refuse(node, f"approximate='{node.attrs['approximate']}' (only the exact GELU is written)")
+        self.layer(node, "GELU")
+
+    def op_dropout(self, node: Node) -> None:
+        self.layer(node, "Dropout").dropout_param.dropout_ratio = node.attrs["p"]
+
+    def op_stochastic_depth(self, node: Node) -> None:
+        if node.attrs["mode"] != "row":
+            self.refuse(node, f"mode='{node.attrs['mode']}' (only 'row' is written)")
+        self.layer(node, "StochasticDepth").dropout_param.dropout_ratio = node.attrs["p"]
+
+    def _pool(self, node: Node, method: int) -> None:
+        a = node.attrs
+        if tuple(a.get("dilation", (1, 1))) != (1, 1):
+            self.refuse(node, f"dilation {list(a['dilation'])}")
+        if not a.get("count_include_pad", True) and tuple(a["padding"]) != (0, 0):
+            self.refuse(node, "count_include_pad=False with padding (Caffe's AVE counts the padding)")
+        p = self.layer(node, "Pooling").pooling_param
+        p.pool = method
+        _set_pair(p, "kernel_size", a["kernel_size"], repeated=False)
+        _set_pair(p, "stride", a["stride"] or a["kernel_size"], repeated=False)
+        _set_pair(p, "pad", a["padding"], repeated=False)
+        p.round_mode = caffe_pb2.PoolingParameter.CEIL if a["ceil_mode"] else caffe_pb2.PoolingParameter.FLOOR
+
+    def op_maxpool2d(self, node: Node) -> None:
+        self._pool(node, caffe_pb2.PoolingParameter.MAX)
+
+    def op_avgpool2d(self, node: Node) -> None:
+        self._pool(node, caffe_pb2.PoolingParameter.AVE)
+
+    def _global(self, node: Node, method: int, **kw: Any) -> None:
+        p = self.layer(node, "Pooling", **kw).pooling_param
+        p.pool = method
+        p.global_pooling = True
+
+    def op_adaptive_avgpool2d(self, node: Node) -> None:
+        if tuple(node.attrs["output_size"]) != (1, 1):
+            self.refuse(node, f"output_size {list(node.attrs['output_size'])} (only (1, 1), global pooling)")
+        self._global(node, caffe_pb2.PoolingParameter.AVE)
+
+    def op_adaptive_maxpool2d(self, node: Node) -> None:
+        if tuple(node.attrs["output_size"]) != (1, 1):
+            self.refuse(node, f"output_size {list(node.attrs['output_size'])} (only (1, 1), global pooling)")
+        self._global(node, caffe_pb2.PoolingParameter.MAX)
+
+    def op_mean(self, node: Node) -> None:
+        rank = len(self.graph.node(node.inputs[0]).shape or ())
+        if rank != 4 or sorted(d % rank for d in node.attrs["dim"]) != [2, 3]:
+            self.refuse(node, f"mean over dims {list(node.attrs['dim'])} of a {rank}-D tensor (only over the "
+                              "spatial dims (2, 3) of a 4-D tensor, as global average pooling)")
+        if node.attrs["keepdim"]:
+            self._global(node, caffe_pb2.PoolingParameter.AVE)
+            return
+        pooled = f"{node.name}/pool"
+        self._global(node, caffe_pb2.PoolingParameter.AVE, top=pooled)
+        self.layer(node, "Flatten", name=f"{node.name}/flatten", bottoms=[pooled])
+
+    def _eltwise(self, node: Node, operation: int) -> Any:
+        p = self.layer(node, "Eltwise").eltwise_param
+        p.operation = operation
+        return p
+
+    def op_add(self, node: Node) -> None:
+        p = self._eltwise(node, caffe_pb2.EltwiseParameter.SUM)
+        if node.attrs["coeffs"] is not None:
+            p.coeff.extend(node.attrs["coeffs"])
+
+    def op_mul(self, node: Node) -> None:
+        self._eltwise(node, caffe_pb2.EltwiseParameter.PROD)
+
+    def op_max(self, node: Node) -> None:
+        self._eltwise(node, caffe_pb2.EltwiseParameter.MAX)
+
+    def op_concat(self, node: Node) -> None:
+        self.layer(node, "Concat").concat_param.axis = node.attrs["dim"]
+
+    def op_flatten(self, node: Node) -> None:
+        p = self.layer(node, "Flatten").flatten_param
+        p.axis, p.end_axis = node.attrs["start_dim"], node.attrs["end_dim"]
+
+    def op_linear(self, node: Node) -> None:
+        p = self.layer(node, "InnerProduct").inner_product_param
+        p.num_output = node.attrs["out_features"]
+        p.bias_term = node.attrs["bias"]
+
+
+def _check_outputs(graph: Graph, order: list[Node]) -> None:
+    unread = [n.name for n in order if n.op != "input" and not graph.consumers(n.name)]
+    if unread != list(graph.outputs):
+        raise GraphError(f"export_prototxt: graph '{graph.name}' has outputs {graph.outputs}, but a prototxt's "
+                         f"outputs are the blobs no layer reads, in layer order, which would be {unread}. Remove "
+                         "dead nodes, and add an identity node for an output that other nodes also read")
+    blobs: set[str] = set()
+    for n in order:
+        for name in (n.name, f"{n.name}/pool", f"{n.name}/flatten") if n.op == "mean" else (n.name,):
+            if name in blobs:
+                raise GraphError(f"export_prototxt: {n.where}: the layer or blob name '{name}' would be used twice")
+            blobs.add(name)
+
+
+def export_prototxt(graph: Graph, path: str | Path, *, weights: bool = True, comment: str | None = None) -> Path:
+    """Write ``graph`` as a Caffe prototxt at ``path``; with ``weights``, also ``path.with_suffix('.safetensors')``.
+
+    ``comment`` (optional) is written first as ``#`` lines. Both files are written atomically. Returns
+    ``path``. Read them back with ``load_prototxt(path, weights=path.with_suffix('.safetensors'))``.
+    """
+    path = Path(path)
+    order = graph.topological_order()
+    if not graph.outputs:
+        raise GraphError(f"export_prototxt: graph '{graph.name}' declares no outputs")
+    _check_outputs(graph, order)
+    net = _Writer(graph).write()
+    header = "".join(f"# {line}".rstrip() + "\n" for line in comment.splitlines()) if comment else ""
+    text = header + text_format.MessageToString(net)
+    if weights:
+        tensors = graph_tensors(graph)
+        atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
+
+
+__all__ = ["export_prototxt"]

@@ -1,0 +1,781 @@
+"""Caffe prototxt frontend: a ``.prototxt`` (genuine Caffe or the AutoMTL dialect) -> Graph.
+
+The text is parsed strictly against ``proto/caffe.proto`` (``NetParameter``) with protobuf's text
+format parser; a syntax error or a field the schema does not know is a :class:`ParseError` carrying
+``file:line:column``. Layers are then converted in file order into registry ops; each node is named
+after its layer and its ``source`` is ``"<file name>:<line>"``.
+
+What is built
+    The TEST (deploy) network. Layers whose ``include``/``exclude`` rules (or a ``phase: TRAIN``
+    field) exclude them from the TEST phase are skipped; ``level`` and ``stage`` rules are evaluated
+    against the file's ``state`` (default level 0, no stages). A ``state { phase: TRAIN }`` in the
+    file does not change this.
+
+Inputs
+    Legacy ``input`` names with four ``input_dim`` values each (or one ``input_shape`` each), and
+    ``Input`` layers with ``input_param { shape }``. ``input_shape=`` overrides the declared shape
+    (graphs with one input only). AutoMTL's exporter declares ``input: "blob1"`` but its first layer
+    reads ``bottom: "data"``; so, when a layer reads a blob that nothing produced, and exactly one
+    declared graph input is read by no layer at all, that input *is* the blob (it is aliased to the
+    unknown name). Any other unproduced bottom is an error naming the layer, the blob and the line.
+
+Blobs
+    In-place layers (``top`` equal to ``bottom``) are fine: every layer makes a new IR node, and a
+    later reader of a blob name sees its latest producer. ``Split`` layers alias their tops to their
+    bottom; ``Silence`` layers only mark their bottoms as read. Any other layer with several tops is
+    an error (AutoMTL's own parser silently keeps one). The graph's outputs are the values that no
+    layer reads, in layer order (graph inputs excepted).
+
+Batch normalisation
+    Genuine Caffe's ``BatchNorm`` has no affine part; a ``Scale`` layer that is the next reader of
+    its top is folded into the batch norm as its weight (and bias, zero without ``bias_term``), and a
+    Caffe BatchNorm with no Scale after it becomes ``affine=False``. ``moving_average_fraction`` f
+    becomes ``momentum = 1 - f``; ``use_global_stats`` only selects train/test behaviour, which the
+    torch module's mode does, so it is not stored. The AutoMTL dialect's PyTorch-style fields
+    ``eps``, ``momentum``, ``affine`` and ``track_running_stats`` are taken as written. An
+    unspecified ``affine`` is true for a layer that uses an AutoMTL field (or, when it uses neither
+    kind of field, in a file that uses AutoMTL extension fields anywhere): AutoMTL's ResNet-34 file
+    counts the batch-norm weights and biases among its 21,284,672 parameters. A ``Scale`` anywhere
+    else is an UnsupportedOpError.
+
+automtl extensions (written by :mod:`automtl_compiler.backends.prototxt`, read back here)
+    Layer types ``Swish`` (silu; also upstream Caffe's name), ``HardSwish``, ``HardSigmoid``,
+    ``GELU`` (exact form), ``Identity``, ``StochasticDepth`` (drop probability in
+    ``dropout_param.dropout_ratio``, row mode) and ``ReLU6``; ``BatchNorm`` with the AutoMTL fields;
+    ``Eltwise`` inputs of different shapes broadcast (upstream Caffe requires equal shapes). A global
+    ``AVE`` ``Pooling`` layer ``P`` whose next reader is a ``Flatten`` layer named ``P/flatten``
+    (axis 1 to -1) is read as one ``mean`` node over dims (2, 3) named ``P``: that is how the exporter
+    writes ``mean``, and it is numerically the same computation either way.
+
+Weights
+    Without ``weights`` the tensors are initialised deterministically (``materialise(seed=0)``).
+    ``weights`` is given explicitly (a sidecar next to the prototxt is never picked up on its own):
+    a ``.safetensors`` file keyed ``<layer>/<tensor>`` as :func:`export_prototxt` writes it, or a
+    binary ``.caffemodel`` (``NetParameter`` with layer blobs: Convolution/InnerProduct weight and
+    bias; BatchNorm mean, variance and Caffe's moving-average normaliser, then weight and bias for an
+    affine AutoMTL batch norm; a folded Scale's gamma and beta). Every tensor name and shape must
+    match; ``num_batches_tracked`` may be absent.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+
+from ..errors import (AutomtlError, FileFormatError, GraphError, ParseError, ShapeError, UnsupportedOpError,
+                      require_file)
+from ..ir.graph import Graph, Node
+from ..ir.ops import get_op, tensor_shapes
+from ..ir.serialize import graph_tensors
+from ..proto import caffe_pb2
+
+Shape = tuple[int, ...]
+
+#: Layer types whose only effect is a registry op without attributes.
+_SIMPLE = {"ReLU6": "relu6", "Sigmoid": "sigmoid", "TanH": "tanh", "Swish": "silu", "HardSwish": "hardswish",
+           "HardSigmoid": "hardsigmoid", "Identity": "identity"}
+#: Types with no registry op, and what to tell the user.
+_NO_OP = {
+    "Softmax": "the op registry has no softmax; cut the network before it (backbones end at features or logits)",
+    "SoftmaxWithLoss": "loss layers belong to training nets; use the deploy prototxt",
+    "Deconvolution": "the op registry has no transposed convolution",
+    "PReLU": "the op registry has no learnable-slope ReLU",
+    "ELU": "the op registry has no ELU",
+    "LRN": "the op registry has no local response normalisation",
+    "Data": "data layers are not part of a backbone; declare an Input layer or `input`/`input_dim` instead",
+}
+_SUPPORTED = sorted({"Input", "Convolution", "BatchNorm", "Scale", "ReLU", "Clip", "Pooling", "Eltwise", "Concat",
+                     "Flatten", "InnerProduct", "Dropout", "StochasticDepth", "GELU", "Split", "Silence", *_SIMPLE})
+_AUTOMTL_BN_FIELDS = ("track_running_stats", "momentum", "affine")
+_CAFFE_BN_FIELDS = ("use_global_stats", "moving_average_fraction")
+
+
+def f32(value: float) -> float:
+    """The shortest decimal that reads back as the same float32 (protobuf ``float`` fields are float32).
+
+    So ``eps: 1e-05`` becomes ``1e-05``, not ``9.99999974737875e-06``.
+    """
+    x32 = struct.unpack("f", struct.pack("f", value))[0]
+    for digits in range(1, 10):
+        short = float(f"{value:.{digits}g}")
+        if struct.unpack("f", struct.pack("f", short))[0] == x32:
+            return short
+    return x32
+
+
+@dataclass
+class _Folded:
+    """A blob whose value was folded away (pre-Scale batch norm output, pre-Flatten pooled mean)."""
+
+    reason: str
+
+
+@dataclass
+class _Layer:
+    """A layer to convert, with its index in the file and its line (None when not found)."""
+
+    index: int
+    proto: Any
+    line: int | None
+
+
+def _layer_lines(text: str, layers: list[Any]) -> list[int | None]:
+    """Line of each layer's ``name:`` field, found by searching the text in layer order."""
+    start = re.search(r"\blayer\s*\{", text)
+    cursor = start.start() if start else 0
+    lines: list[int | None] = []
+    for layer in layers:
+        found = None
+        if layer.name:
+            quoted = re.escape(layer.name)
+            m = re.compile(r"\bname\s*:\s*([\"'])" + quoted + r"\1").search(text, cursor)
+            if m:
+                found = text.count("\n", 0, m.start()) + 1
+                cursor = m.end()
+        lines.append(found)
+    return lines
+
+
+def _parse_text(path: Path) -> tuple[Any, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FileFormatError(f"{path}: not a text file (a binary .caffemodel goes in weights=, not as the "
+                              "network)") from None
+    except OSError as e:
+        raise FileFormatError(f"{path}: cannot read ({e.strerror})") from None
+    net = caffe_pb2.NetParameter()
+    try:
+        text_format.Parse(text, net)
+    except text_format.ParseError as e:
+        message = re.sub(r"^\d+:\d+ : ", "", str(e))
+        if 'no field named "layers"' in message:
+            hint = ("this is the old V1 layer format (`layers { type: CONVOLUTION }`); upgrade it with Caffe's "
+                    "upgrade_net_proto_text tool")
+        elif "no field named" in message or "has no value named" in message:
+            hint = ("the field or value is not in automtl's Caffe schema (proto/caffe.proto: upstream Caffe plus "
+                    "the AutoMTL dialect); check the spelling, or remove options of other Caffe forks")
+        else:
+            hint = "the file must be a Caffe NetParameter in protobuf text format; check braces, quotes and colons"
+        raise ParseError(f"{message} ({hint})", path=path, line=e.GetLine(), column=e.GetColumn()) from None
+    return net, text
+
+
+def _rule_matches(rule: Any, level: int, stages: set[str]) -> bool:
+    if rule.HasField("phase") and rule.phase != caffe_pb2.TEST:
+        return False
+    if rule.HasField("min_level") and level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and level > rule.max_level:
+        return False
+    if any(s not in stages for s in rule.stage):
+        return False
+    return not any(s in stages for s in rule.not_stage)
+
+
+def _in_test_net(layer: Any, level: int, stages: set[str]) -> bool:
+    if layer.HasField("phase") and layer.phase != caffe_pb2.TEST:
+        return False
+    if layer.include:
+        return any(_rule_matches(r, level, stages) for r in layer.include)
+    return not any(_rule_matches(r, level, stages) for r in layer.exclude)
+
+
+def _pair_field(p: Any, name: str, default: int, where: str) -> tuple[int, int]:
+    """A Convolution pad/kernel_size/stride/dilation: one value, or one per spatial axis; or ``name_h/_w``."""
+    base = name.replace("_size", "")
+    h, w = f"{base}_h", f"{base}_w"
+    if h in p.DESCRIPTOR.fields_by_name and (p.HasField(h) or p.HasField(w)):
+        if len(getattr(p, name)):
+            raise ParseError(f"{where}: both `{name}` and `{h}`/`{w}` are given; use one")
+        if base == "kernel" and not (p.HasField(h) and p.HasField(w)):
+            raise ParseError(f"{where}: `{h}` and `{w}` must be given together")
+        return (getattr(p, h) if p.HasField(h) else default, getattr(p, w) if p.HasField(w) else default)
+    values = list(getattr(p, name))
+    if not values:
+        return (default, default)
+    if len(values) == 1:
+        return (values[0], values[0])
+    if len(values) == 2:
+        return (values[0], values[1])
+    raise UnsupportedOpError(f"{where}: {len(values)} values of `{name}` (only 2-D convolutions are supported)")
+
+
+def _pool_pair(p: Any, name: str, default: int | None, where: str) -> tuple[int, int] | None:
+    base = name.replace("_size", "")
+    h, w = f"{base}_h", f"{base}_w"
+    if p.HasField(h) or p.HasField(w):
+        if p.HasField(name):
+            raise ParseError(f"{where}: both `{name}` and `{h}`/`{w}` are given; use one")
+        if not (p.HasField(h) and p.HasField(w)):
+            raise ParseError(f"{where}: `{h}` and `{w}` must be given together")
+        return (getattr(p, h), getattr(p, w))
+    if p.HasField(name):
+        v = getattr(p, name)
+        return (v, v)
+    return None if default is None else (default, default)
+
+
+class _Builder:
+    """Converts the layers of one NetParameter, in order, into a Graph."""
+
+    def __init__(self, path: Path, net: Any, text: str, input_shape: tuple[int, ...] | None) -> None:
+        self.path = path
+        self.net = net
+        self.graph = Graph(net.name or path.stem)
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        level, stages = net.state.level, set(net.state.stage)
+        lines = _layer_lines(text, list(net.layer))
+        self.layers = [_Layer(i, l, lines[i]) for i, l in enumerate(net.layer) if _in_test_net(l, level, stages)]
+        self.blobs: dict[str, str | _Folded] = {}
+        self.read_anywhere = {b for layer in self.layers for b in layer.proto.bottom}
+        self.unread_inputs: list[str] = []
+        self.produced: list[str] = []            # non-input nodes in the order they were made
+        self.absorbed: dict[int, str] = {}       # layer index -> node it was folded into
+        self.caffe_layout: dict[str, tuple[str, str]] = {}   # layer name -> (kind, node) for .caffemodel
+        self.optional: set[str] = set()          # tensor keys a weights file may omit
+        self.automtl_dialect = self._uses_automtl_fields()
+
+    # ------------------------------------------------------------ helpers
+    def loc(self, layer: _Layer) -> str:
+        return f"{self.path}:{layer.line}" if layer.line else f"{self.path}"
+
+    def describe(self, layer: _Layer) -> str:
+        return f"{self.loc(layer)}: layer '{layer.proto.name}' (type {layer.proto.type})"
+
+    def source(self, layer: _Layer) -> str:
+        return f"{self.path.name}:{layer.line}" if layer.line else self.path.name
+
+    def _uses_automtl_fields(self) -> bool:
+        for layer in self.net.layer:
+            bn = layer.batch_norm_param
+            if layer.HasField("batch_norm_param") and any(bn.HasField(f) for f in _AUTOMTL_BN_FIELDS):
+                return True
+            for field in ("relu_param", "dropout_param", "elu_param"):
+                if layer.HasField(field) and getattr(layer, field).HasField("inplace"):
+                    return True
+        return False
+
+    def next_reader(self, pos: int, blob: str) -> int | None:
+        """Position (in ``self.layers``) of the next layer after ``pos`` that reads ``blob`` before it is rewritten."""
+        for j in range(pos + 1, len(self.layers)):
+            layer = self.layers[j].proto
+            if blob in layer.bottom:
+                return j
+            if blob in layer.top:
+                return None
+        return None
+
+    def read(self, layer: _Layer, blob: str) -> str:
+        """The IR node holding ``blob``'s current value for a reader ``layer``."""
+        value = self.blobs.get(blob)
+        if isinstance(value, _Folded):
+            raise UnsupportedOpError(f"{self.describe(layer)}: reads blob '{blob}', {value.reason}")
+        if value is not None:
+            return value
+        if len(self.unread_inputs) == 1:
+            alias = self.unread_inputs.pop()
+            self.blobs[blob] = alias
+            return alias
+        declared = f"; unread graph inputs: {self.unread_inputs}" if self.unread_inputs else ""
+        raise ParseError(f"layer '{layer.proto.name}' reads bottom '{blob}', which no earlier layer produces and "
+                         f"which is not a graph input{declared}. Declare it with `input`/`input_dim` or an Input "
+                         "layer, or fix the layer order", path=self.path, line=layer.line)
+
+    def node_name(self, name: str, layer: _Layer) -> str:
+        if name in self.graph:
+            raise GraphError(f"{self.describe(layer)}: the name '{name}' is used twice (layer names must be unique, "
+                             "and differ from the graph input names)")
+        return name
+
+    def emit(self, layer: _Layer, op: str, inputs: list[str], attrs: dict[str, Any] | None = None,
+             name: str | None = None) -> Node:
+        """Add a node and infer its shape now (later layers, e.g. InnerProduct, need it)."""
+        name = self.node_name(name or layer.proto.name, layer)
+        node = self.graph.add_node(name, op, inputs, attrs or {}, source=self.source(layer))
+        opdef = get_op(op)
+        ins = [self.graph.node(i).shape for i in inputs]
+        try:
+            node.shape = tuple(opdef.shape(node.attrs, ins))  # type: ignore[arg-type]
+            tensor_shapes(opdef, node.attrs, ins)  # type: ignore[arg-type]
+        except ShapeError as e:
+            raise ShapeError(f"{self.describe(layer)}: {e} (input shapes {[list(s) for s in ins]})") from None
+        self.produced.append(name)
+        return node
+
+    def write(self, layer: _Layer, node: str) -> None:
+        tops = list(layer.proto.top)
+        if len(tops) != 1:
+            raise ParseError(f"layer '{layer.proto.name}' (type {layer.proto.type}) has {len(tops)} tops "
+                             f"{tops}; only Input and Split layers may have more or fewer than one",
+                             path=self.path, line=layer.line)
+        self.blobs[tops[0]] = node
+
+    def bottoms(self, layer: _Layer, count: int | None = None) -> list[str]:
+        names = list(layer.proto.bottom)
+        if count is not None and len(names) != count:
+            raise ParseError(f"layer '{layer.proto.name}' (type {layer.proto.type}) needs {count} bottom(s), "
+                             f"has {len(names)}", path=self.path, line=layer.line)
+        return [self.read(layer, b) for b in names]
+
+    # ------------------------------------------------------------ inputs
+    def declare_inputs(self) -> None:
+        net = self.net
+        names = list(net.input)
+        if net.input_shape and net.input_dim:
+            raise ParseError("both `input_shape` and `input_dim` are given; use one", path=self.path)
+        if net.input_shape:
+            if len(net.input_shape) != len(names):
+                raise ParseError(f"{len(names)} `input` names but {len(net.input_shape)} `input_shape` entries",
+                                 path=self.path)
+            shapes: list[Shape | None] = [tuple(s.dim) for s in net.input_shape]
+        elif net.input_dim:
+            if len(net.input_dim) != 4 * len(names):
+                raise ParseError(f"{len(names)} `input` names need {4 * len(names)} `input_dim` values "
+                                 f"(4 each), found {len(net.input_dim)}", path=self.path)
+            dims = list(net.input_dim)
+            shapes = [tuple(dims[4 * i:4 * i + 4]) for i in range(len(names))]
+        else:
+            shapes = [None] * len(names)
+        for name, shape in zip(names, shapes):
+            self.add_input(name, shape, None)
+            if name not in self.read_anywhere:
+                self.unread_inputs.append(name)
+
+    def add_input(self, name: str, shape: Shape | None, layer: _Layer | None) -> None:
+        if name in self.graph:
+            raise GraphError(f"{self.describe(layer) if layer else self.path}: input name '{name}' is used twice")
+        if shape is None:
+            if self.input_shape is None:
+                raise ParseError(f"input '{name}' has no declared shape; add `input_dim`s / `input_param {{ shape "
+                                 "}`, or pass input_shape", path=self.path, line=layer.line if layer else None)
+            shape = self.input_shape
+        if any(d <= 0 for d in shape):
+            raise ParseError(f"input '{name}' has shape {list(shape)}; every dimension must be positive",
+                             path=self.path, line=layer.line if layer else None)
+        self.graph.add_input(name, shape, source=self.source(layer) if layer else self.path.name)
+        self.blobs[name] = name
+
+    def apply_input_override(self) -> None:
+        if self.input_shape is None:
+            return
+        inputs = self.graph.inputs
+        if len(inputs) != 1:
+            raise AutomtlError(f"{self.path}: input_shape= overrides the shape of a single input, but the network "
+                               f"has {len(inputs)} inputs {inputs}")
+        node = self.graph.node(inputs[0])
+        node.attrs["shape"] = self.input_shape
+        node.shape = self.input_shape
+
+    # ------------------------------------------------------------ layers
+    def build(self) -> Graph:
+        self.declare_inputs()
+        # Input layers first declare their blobs; the override needs them all.
+        pending_override = True
+        for pos, layer in enumerate(self.layers):
+            if layer.proto.type != "Input" and pending_override:
+                self.apply_input_override()
+                pending_override = False
+            if layer.index in self.absorbed:
+                continue
+            try:
+                self.convert(pos, layer)
+            except ParseError:
+                raise
+            except AutomtlError as e:
+                text = str(e)
+                if str(self.path) not in text:
+                    text = f"{self.describe(layer)}: {text}"
+                raise type(e)(text) from None
+        if pending_override:
+            self.apply_input_override()
+        outputs = [n for n in self.produced if n in self.graph and not self.graph.consumers(n)]
+        if not outputs:
+            raise GraphError(f"{self.path}: the network has no layers that compute anything")
+        self.graph.set_outputs(outputs)
+        return self.graph
+
+    def convert(self, pos: int, layer: _Layer) -> None:
+        p, kind = layer.proto, layer.proto.type
+        handler: Callable[[int, _Layer], None] | None = getattr(self, f"layer_{kind}", None)
+        if kind in _SIMPLE:
+            self.write(layer, self.emit(layer, _SIMPLE[kind], self.bottoms(layer, 1)).name)
+        elif handler is not None:
+            handler(pos, layer)
+        else:
+            reason = _NO_OP.get(kind, "no mapping onto the op registry")
+            raise UnsupportedOpError(f"{self.loc(layer)}: layer '{p.name}' has type '{kind}': {reason}. "
+                                     f"Supported layer types: {', '.join(_SUPPORTED)}")
+
+    def layer_Input(self, pos: int, layer: _Layer) -> None:
+        tops, shapes = list(layer.proto.top), list(layer.proto.input_param.shape)
+        if not tops:
+            raise ParseError(f"Input layer '{layer.proto.name}' has no top", path=self.path, line=layer.line)
+        if len(shapes) not in (0, 1, len(tops)):
+            raise ParseError(f"Input layer '{layer.proto.name}' has {len(tops)} tops but {len(shapes)} shapes "
+                             "(give one shape, or one per top)", path=self.path, line=layer.line)
+        for i, top in enumerate(tops):
+            shape = tuple(shapes[i if len(shapes) > 1 else 0].dim) if shapes else None
+            name = layer.proto.name if len(tops) == 1 and layer.proto.name else top
+            self.add_input(name, shape, layer)
+            self.blobs[top] = name
+            if top not in self.read_anywhere:
+                self.unread_inputs.append(name)
+
+    def layer_Split(self, pos: int, layer: _Layer) -> None:
+        (src,) = self.bottoms(layer, 1)
+        for top in layer.proto.top:
+            self.blobs[top] = src
+
+    def layer_Silence(self, pos: int, layer: _Layer) -> None:
+        if layer.proto.top:
+            raise ParseError(f"Silence layer '{layer.proto.name}' must have no tops", path=self.path, line=layer.line)
+        self.bottoms(layer)
+
+    def layer_Convolution(self, pos: int, layer: _Layer) -> None:
+        p, where = layer.proto.convolution_param, self.describe(layer)
+        if not p.HasField("num_output"):
+            raise ParseError(f"layer '{layer.proto.name}': convolution_param needs num_output", path=self.path,
+                             line=layer.line)
+        if p.axis != 1:
+            raise UnsupportedOpError(f"{where}: convolution over axis {p.axis} (only the channel axis 1)")
+        kernel = _pair_field(p, "kernel_size", 0, where)
+        if 0 in kernel:
+            raise ParseError(f"layer '{layer.proto.name}': convolution_param needs kernel_size or kernel_h/kernel_w",
+                             path=self.path, line=layer.line)
+        attrs = {"out_channels": p.num_output, "kernel_size": kernel, "stride": _pair_field(p, "stride", 1, where),
+                 "padding": _pair_field(p, "pad", 0, where), "dilation": _pair_field(p, "dilation", 1, where),
+                 "groups": p.group, "bias": p.bias_term}
+        node = self.emit(layer, "conv2d", self.bottoms(layer, 1), attrs)
+        self.caffe_layout[layer.proto.name] = ("plain", node.name)
+        self.write(layer, node.name)
+
+    def layer_BatchNorm(self, pos: int, layer: _Layer) -> None:
+        p = layer.proto.batch_norm_param
+        (bottom,) = self.bottoms(layer, 1)
+        top = layer.proto.top[0] if len(layer.proto.top) == 1 else None
+        scale_pos = self.next_reader(pos, top) if top is not None else None
+        scale = self.layers[scale_pos] if scale_pos is not None else None
+        if scale is not None and scale.proto.type != "Scale":
+            scale = None
+        if scale is not None and p.HasField("affine") and p.affine:
+            raise UnsupportedOpError(f"{self.describe(scale)}: follows BatchNorm '{layer.proto.name}', which is "
+                                     "already affine (affine: true); a second scale cannot be folded into it")
+        if scale is not None:
+            affine = True
+        elif p.HasField("affine"):
+            affine = p.affine
+        elif any(p.HasField(f) for f in _AUTOMTL_BN_FIELDS):
+            affine = True
+        elif any(p.HasField(f) for f in _CAFFE_BN_FIELDS):
+            affine = False
+        else:
+            affine = self.automtl_dialect
+        if p.HasField("momentum"):
+            momentum = f32(p.momentum)
+        elif p.HasField("moving_average_fraction"):
+            momentum = f32(1.0 - f32(p.moving_average_fraction))
+        else:
+            momentum = 0.1
+        attrs = {"eps": f32(p.eps), "momentum": momentum, "affine": affine,
+                 "track_running_stats": p.track_running_stats}
+        node = self.emit(layer, "batchnorm2d", [bottom], attrs)
+        self.caffe_layout[layer.proto.name] = ("bn", node.name)
+        self.optional.add(f"{node.name}/num_batches_tracked")
+        self.write(layer, node.name)
+        if scale is not None:
+            self.fold_scale(scale, node, top)  # type: ignore[arg-type]
+
+    def fold_scale(self, scale: _Layer, bn: Node, bn_top: str) -> None:
+        s, where = scale.proto, self.describe(scale)
+        sp = s.scale_param
+        if len(s.bottom) != 1:
+            raise UnsupportedOpError(f"{where}: a Scale with {len(s.bottom)} bottoms (scaling by another blob) "
+                                     "cannot be folded into a batch norm")
+        if sp.axis != 1 or sp.num_axes != 1:
+            raise UnsupportedOpError(f"{where}: only per-channel scales (axis 1, num_axes 1) fold into a batch norm")
+        if len(s.top) != 1:
+            raise ParseError(f"Scale layer '{s.name}' must have one top", path=self.path, line=scale.line)
+        self.absorbed[scale.index] = bn.name
+        self.caffe_layout[s.name] = ("scale", bn.name)
+        if not sp.bias_term:
+            self.optional.add(f"{bn.name}/bias")
+        if s.top[0] != bn_top:
+            self.blobs[bn_top] = _Folded(f"the output of BatchNorm '{bn.name}' before Scale '{s.name}', which "
+                                         "automtl folded into the batch norm; read the Scale's top instead")
+        self.blobs[s.top[0]] = bn.name
+
+    def layer_Scale(self, pos: int, layer: _Layer) -> None:
+        raise UnsupportedOpError(f"{self.describe(layer)}: a Scale layer is supported only as the affine part of "
+                                 "the BatchNorm whose output it reads next (it is folded into that batch norm); "
+                                 "this one does not follow a BatchNorm")
+
+    def layer_ReLU(self, pos: int, layer: _Layer) -> None:
+        slope = f32(layer.proto.relu_param.negative_slope)
+        inputs = self.bottoms(layer, 1)
+        node = self.emit(layer, "leaky_relu", inputs, {"negative_slope": slope}) if slope else \
+            self.emit(layer, "relu", inputs)
+        self.write(layer, node.name)
+
+    def layer_Clip(self, pos: int, layer: _Layer) -> None:
+        p = layer.proto.clip_param
+        if not (p.HasField("min") and p.HasField("max")):
+            raise ParseError(f"Clip layer '{layer.proto.name}' needs clip_param {{ min max }}", path=self.path,
+                             line=layer.line)
+        node = self.emit(layer, "clip", self.bottoms(layer, 1), {"min": f32(p.min), "max": f32(p.max)})
+        self.write(layer, node.name)
+
+    def layer_GELU(self, pos: int, layer: _Layer) -> None:
+        self.write(layer, self.emit(layer, "gelu", self.bottoms(layer, 1), {"approximate": "none"}).name)
+
+    def layer_Dropout(self, pos: int, layer: _Layer) -> None:
+        p = f32(layer.proto.dropout_param.dropout_ratio)
+        self.write(layer, self.emit(layer, "dropout", self.bottoms(layer, 1), {"p": p}).name)
+
+    def layer_StochasticDepth(self, pos: int, layer: _Layer) -> None:
+        if not layer.proto.dropout_param.HasField("dropout_ratio"):
+            raise ParseError(f"StochasticDepth layer '{layer.proto.name}' needs dropout_param {{ dropout_ratio }} "
+                             "(the drop probability)", path=self.path, line=layer.line)
+        p = f32(layer.proto.dropout_param.dropout_ratio)
+        node = self.emit(layer, "stochastic_depth", self.bottoms(layer, 1), {"p": p, "mode": "row"})
+        self.write(layer, node.name)
+
+    def layer_Pooling(self, pos: int, layer: _Layer) -> None:
+        p, where = layer.proto.pooling_param, self.describe(layer)
+        P = caffe_pb2.PoolingParameter
+        if p.pool == P.STOCHASTIC:
+            raise UnsupportedOpError(f"{where}: STOCHASTIC pooling has no IR op (use MAX or AVE)")
+        inputs = self.bottoms(layer, 1)
+        if p.global_pooling:
+            if p.HasField("kernel_size") or p.HasField("kernel_h") or p.HasField("kernel_w"):
+                raise ParseError(f"Pooling layer '{layer.proto.name}': global_pooling and a kernel size are "
+                                 "exclusive", path=self.path, line=layer.line)
+            if p.pool == P.AVE and self.fuse_mean(pos, layer, inputs):
+                return
+            op = "adaptive_avgpool2d" if p.pool == P.AVE else "adaptive_maxpool2d"
+            self.write(layer, self.emit(layer, op, inputs, {"output_size": (1, 1)}).name)
+            return
+        kernel = _pool_pair(p, "kernel_size", None, where)
+        if kernel is None:
+            raise ParseError(f"Pooling layer '{layer.proto.name}' needs kernel_size (or kernel_h/kernel_w, or "
+                             "global_pooling: true)", path=self.path, line=layer.line)
+        attrs: dict[str, Any] = {"kernel_size": kernel, "stride": _pool_pair(p, "stride", 1, where),
+                                 "padding": _pool_pair(p, "pad", 0, where),
+                                 "ceil_mode": p.round_mode == P.CEIL}
+        if p.pool == P.MAX:
+            node = self.emit(layer, "maxpool2d", inputs, attrs)
+        else:
+            # Caffe averages over the window clipped to the padded input, as torch does with
+            # count_include_pad=True (also in ceil mode).
+            node = self.emit(layer, "avgpool2d", inputs, {**attrs, "count_include_pad": True})
+        self.write(layer, node.name)
+
+    def fuse_mean(self, pos: int, layer: _Layer, inputs: list[str]) -> bool:
+        """A global AVE pool read next by Flatten ``<pool>/flatten`` (axis 1..-1) is one ``mean`` node."""
+        tops = list(layer.proto.top)
+        if len(tops) != 1:
+            return False
+        j = self.next_reader(pos, tops[0])
+        if j is None:
+            return False
+        flat = self.layers[j]
+        fp = flat.proto.flatten_param
+        if (flat.proto.type != "Flatten" or flat.proto.name != f"{layer.proto.name}/flatten"
+                or list(flat.proto.bottom) != tops or len(flat.proto.top) != 1 or fp.axis != 1 or fp.end_axis != -1):
+            return False
+        if len(self.graph.node(inputs[0]).shape or ()) != 4:
+            return False
+        node = self.emit(layer, "mean", inputs, {"dim": (2, 3), "keepdim": False})
+        self.absorbed[flat.index] = node.name
+        if flat.proto.top[0] != tops[0]:
+            self.blobs[tops[0]] = _Folded(f"the 4-D global average of layer '{node.name}', which was read with its "
+                                          f"Flatten '{flat.proto.name}' as one mean; read the Flatten's top instead")
+        self.blobs[flat.proto.top[0]] = node.name
+        return True
+
+    def layer_Eltwise(self, pos: int, layer: _Layer) -> None:
+        p, E = layer.proto.eltwise_param, caffe_pb2.EltwiseParameter
+        inputs = self.bottoms(layer)
+        if len(inputs) < 2:
+            raise ParseError(f"Eltwise layer '{layer.proto.name}' needs at least 2 bottoms, has {len(inputs)}",
+                             path=self.path, line=layer.line)
+        if p.coeff and p.operation != E.SUM:
+            raise ParseError(f"Eltwise layer '{layer.proto.name}': coeff is only allowed with operation SUM",
+                             path=self.path, line=layer.line)
+        if p.operation == E.SUM:
+            coeffs = None
+            if p.coeff:
+                if len(p.coeff) != len(inputs):
+                    raise ParseError(f"Eltwise layer '{layer.proto.name}' has {len(p.coeff)} coeff values for "
+                                     f"{len(inputs)} bottoms", path=self.path, line=layer.line)
+                coeffs = [f32(c) for c in p.coeff]
+            node = self.emit(layer, "add", inputs, {"coeffs": coeffs})
+        else:
+            node = self.emit(layer, "mul" if p.operation == E.PROD else "max", inputs)
+        self.write(layer, node.name)
+
+    def layer_Concat(self, pos: int, layer: _Layer) -> None:
+        p = layer.proto.concat_param
+        axis = p.axis if p.HasField("axis") or not p.HasField("concat_dim") else p.concat_dim
+        self.write(layer, self.emit(layer, "concat", self.bottoms(layer), {"dim": axis}).name)
+
+    def layer_Flatten(self, pos: int, layer: _Layer) -> None:
+        p = layer.proto.flatten_param
+        node = self.emit(layer, "flatten", self.bottoms(layer, 1), {"start_dim": p.axis, "end_dim": p.end_axis})
+        self.write(layer, node.name)
+
+    def layer_InnerProduct(self, pos: int, layer: _Layer) -> None:
+        p, where = layer.proto.inner_product_param, self.describe(layer)
+        if not p.HasField("num_output"):
+            raise ParseError(f"layer '{layer.proto.name}': inner_product_param needs num_output", path=self.path,
+                             line=layer.line)
+        if p.transpose:
+            raise UnsupportedOpError(f"{where}: transpose: true (weights stored as [in, out]) is not supported")
+        (src,) = self.bottoms(layer, 1)
+        rank = len(self.graph.node(src).shape or ())
+        if rank < 2 or p.axis % rank != 1:
+            raise UnsupportedOpError(f"{where}: InnerProduct over axis {p.axis} of a {rank}-D blob; only axis 1 "
+                                     "(one sample per row) is supported")
+        if rank > 2:
+            # Caffe flattens every axis from `axis` on; the IR's linear op wants that as an explicit node.
+            name = f"{layer.proto.name}/flatten"
+            src = self.emit(layer, "flatten", [src], {"start_dim": 1, "end_dim": -1}, name=name).name
+        node = self.emit(layer, "linear", [src], {"out_features": p.num_output, "bias": p.bias_term})
+        self.caffe_layout[layer.proto.name] = ("plain", node.name)
+        self.write(layer, node.name)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _blob_tensor(blob: Any) -> tuple[torch.Tensor, bool]:
+    """A BlobProto as a float32 tensor, and whether its shape came from the legacy num/channels/height/width."""
+    values = list(blob.data) if len(blob.data) else list(blob.double_data)
+    if blob.HasField("shape"):
+        shape, legacy = tuple(int(d) for d in blob.shape.dim), False
+    else:
+        shape, legacy = (blob.num, blob.channels, blob.height, blob.width), True
+    t = torch.tensor(values, dtype=torch.float32)
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel != t.numel():
+        raise FileFormatError(f"blob of shape {list(shape)} holds {t.numel()} values")
+    return t.reshape(shape), legacy
+
+
+def _read_caffemodel(path: Path, layout: dict[str, tuple[str, str]]) -> dict[str, torch.Tensor]:
+    net = caffe_pb2.NetParameter()
+    try:
+        net.ParseFromString(path.read_bytes())
+    except (DecodeError, RuntimeError) as e:
+        raise FileFormatError(f"{path}: not a binary Caffe NetParameter ({e})") from None
+    if not net.layer:
+        raise FileFormatError(f"{path}: no layers (the V1 `layers` format is not supported; upgrade the file with "
+                              "Caffe's upgrade_net_proto_binary)")
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for layer in net.layer:
+        if not layer.blobs:
+            continue
+        if layer.name not in layout:
+            unexpected.append(layer.name)
+            continue
+        kind, node = layout[layer.name]
+        try:
+            blobs = [_blob_tensor(b)[0] for b in layer.blobs]
+        except FileFormatError as e:
+            raise FileFormatError(f"{path}: layer '{layer.name}': {e}") from None
+        if kind == "bn":
+            if len(blobs) not in (3, 5):
+                raise FileFormatError(f"{path}: BatchNorm layer '{layer.name}' has {len(blobs)} blobs; expected "
+                                      "3 (mean, variance, normaliser) or 5 (plus weight, bias)")
+            factor = float(blobs[2].reshape(-1)[0]) if blobs[2].numel() else 1.0
+            norm = 0.0 if factor == 0 else 1.0 / factor
+            out[f"{node}/running_mean"] = blobs[0] * norm
+            out[f"{node}/running_var"] = blobs[1] * norm
+            if len(blobs) == 5:
+                out[f"{node}/weight"], out[f"{node}/bias"] = blobs[3], blobs[4]
+        else:
+            if len(blobs) > 2:
+                raise FileFormatError(f"{path}: layer '{layer.name}' has {len(blobs)} blobs; expected weight and "
+                                      "optionally bias")
+            for key, t in zip(("weight", "bias"), blobs):
+                out[f"{node}/{key}"] = t
+    if unexpected:
+        raise FileFormatError(f"{path}: blobs for layer(s) {unexpected} that the network has no weights for")
+    return out
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FileFormatError(f"{path}: corrupt safetensors file ({e})") from None
+
+
+def _load_weights(graph: Graph, path: Path, layout: dict[str, tuple[str, str]], optional: set[str]) -> None:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        given = _read_safetensors(path)
+    elif suffix == ".caffemodel":
+        given = _read_caffemodel(path, layout)
+    else:
+        raise FileFormatError(f"{path}: unknown weights format '{suffix or 'no suffix'}'; give a .safetensors "
+                              "file (keys <layer>/<tensor>) or a binary .caffemodel")
+    have = graph_tensors(graph)
+    missing = sorted(k for k in have if k not in given and k not in optional)
+    unexpected = sorted(k for k in given if k not in have)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:20])}" +
+                         (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:20])}" +
+                         (" ..." if len(unexpected) > 20 else ""))
+        raise FileFormatError(f"{path}: weights do not match the network: " + "; ".join(parts))
+    for key, value in given.items():
+        name, tensor = key.rsplit("/", 1)
+        node = graph.node(name)
+        target = node.params if tensor in node.params else node.buffers
+        want = target[tensor]
+        if tuple(value.shape) != tuple(want.shape):
+            squeezed = [d for d in value.shape if d != 1] == [d for d in want.shape if d != 1]
+            if not (suffix == ".caffemodel" and squeezed):
+                raise ShapeError(f"{path}: tensor '{key}' has shape {list(value.shape)}, the network needs "
+                                 f"{list(want.shape)} ({node.where})")
+            value = value.reshape(want.shape)
+        target[tensor] = value.to(want.dtype).clone()
+
+
+def load_prototxt(path: str | Path, *, input_shape: tuple[int, ...] | None = None,
+                  weights: str | Path | None = None) -> Graph:
+    """Read a Caffe ``.prototxt`` (genuine or AutoMTL dialect) into a materialised Graph.
+
+    ``input_shape`` overrides the single input's declared shape. ``weights`` (optional, never implied) is
+    a ``.safetensors`` file keyed ``<layer>/<tensor>`` (as ``export_prototxt`` writes) or a binary
+    ``.caffemodel``; without it tensors are initialised with ``materialise(seed=0)``. See the module
+    docstring for the dialect rules.
+    """
+    path = require_file(path, "prototxt file")
+    net, text = _parse_text(path)
+    builder = _Builder(path, net, text, input_shape)
+    graph = builder.build()
+    graph.materialise(seed=0)
+    if weights is not None:
+        _load_weights(graph, require_file(weights, "weights file"), builder.caffe_layout, builder.optional)
+    return graph
+
+
+__all__ = ["load_prototxt", "f32"]

@@ -1,0 +1,344 @@
+"""The SuperModel: a backbone with per-task share / specific / skip branches, policy logits and heads.
+
+Forward passes run generated code. For each kind of call (a discrete plan, soft Gumbel gates, or
+pre-training) and each set of requested tasks, the model emits one ``torch.fx`` graph covering all those
+tasks and caches it. While emitting, an expression that applies the same module to the same value is
+emitted once (common-subexpression elimination), so whatever tasks share - the image, and every unit
+before their policies first differ - runs once in ``forward_all``.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..backends.torch_codegen import module_name
+from ..errors import AutomtlError
+from ..ir.graph import Graph
+from ..ir.ops import get_op
+from ..passes.multitask import BRANCHES, MultiTaskGraph, SkipSpec, Unit
+from .policy import Policy, gumbel_softmax
+
+MODES = ("hard", "soft", "fixed", "pretrain")
+REGULARISER_SCALE = 6.0
+_CACHE_SIZE = 64
+
+
+def mix3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """g[0]·a + g[1]·b + g[2]·c: the soft-mode output of a unit."""
+    return a * g[0] + b * g[1] + c * g[2]
+
+
+def mean3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(a + b + c) / 3: the pre-training output of a unit (AutoMTL's ``pre_train_all``)."""
+    return (a + b + c) / 3.0
+
+
+class SkipProjection(nn.Module):
+    """The skip branch of a unit whose shape changes: shift/crop onto the conv's grid, 1x1 conv, batch norm."""
+
+    def __init__(self, spec: SkipSpec, bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> None:
+        super().__init__()
+        self.pad = tuple(spec.pad) if any(spec.pad) else None
+        self.conv = nn.Conv2d(spec.in_channels, spec.out_channels, 1, stride=spec.stride, bias=False)
+        self.bn = nn.BatchNorm2d(spec.out_channels, eps=bn_eps, momentum=bn_momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
+        return self.bn(self.conv(x))
+
+
+class SuperModel(nn.Module):
+    """AutoMTL's supermodel, compiled from a :class:`MultiTaskGraph` and a head per task.
+
+    State-dict names say where a tensor belongs: ``backbone.<node>.*`` (shared), ``specific.<conv>.<task>.
+    {conv,bn}.*``, ``skip.<conv>.<task>.*``, ``policy.<conv>.<task>`` (logits over [share, specific, skip])
+    and ``heads.<task>.*``.
+    """
+
+    def __init__(self, mt: MultiTaskGraph, heads: dict[str, nn.Module]) -> None:
+        super().__init__()
+        if sorted(heads) != sorted(mt.tasks):
+            raise AutomtlError(f"heads are given for {sorted(heads)} but the tasks are {sorted(mt.tasks)}")
+        for t in mt.tasks:
+            if hasattr(nn.ModuleDict, t) or hasattr(nn.ParameterDict, t):
+                raise AutomtlError(f"task name '{t}' clashes with a torch attribute; rename the task")
+            if not isinstance(heads[t], nn.Module):
+                raise AutomtlError(f"the head of task '{t}' is a {type(heads[t]).__name__}, not an nn.Module")
+        self.mt = mt
+        self.tasks: list[str] = list(mt.tasks)
+        self.units: list[Unit] = list(mt.units)
+        self._unit_of_output = {u.output: u for u in self.units}
+        self._unit_of_conv = {u.conv: u for u in self.units}
+        self._in_unit = {u.bn for u in self.units if u.bn}
+        self.backbone = nn.ModuleDict()
+        self._functions: dict[str, tuple[Any, dict[str, Any]]] = {}
+        for node in mt.graph.topological_order():
+            if node.op == "input":
+                continue
+            lowering = get_op(node.op, node.where).lower(node.attrs, node.params, node.buffers)
+            if lowering.module is not None:
+                self.backbone[module_name(node.name)] = lowering.module
+            else:
+                self._functions[node.name] = (lowering.function, lowering.kwargs)
+        self.specific = nn.ModuleDict()
+        self.skip = nn.ModuleDict()
+        self.policy = nn.ModuleDict()
+        for u in self.units:
+            key = module_name(u.conv)
+            self.specific[key] = nn.ModuleDict({t: self._specific_branch(u) for t in self.tasks})
+            if not u.skip.identity:
+                bn = self.backbone[module_name(u.bn)] if u.bn else None
+                self.skip[key] = nn.ModuleDict({
+                    t: SkipProjection(u.skip, *((bn.eps, bn.momentum) if bn is not None else ()))
+                    for t in self.tasks})
+            self.policy[key] = nn.ParameterDict({t: nn.Parameter(torch.zeros(3)) for t in self.tasks})
+        self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
+        self._fixed: Policy | None = None
+        self._compiled: OrderedDict[Any, fx.GraphModule] = OrderedDict()
+        levels = mt.num_levels
+        self.register_buffer("_depth_weight", torch.tensor([(levels - u.depth) / levels for u in self.units]),
+                             persistent=False)
+
+    def _specific_branch(self, u: Unit) -> nn.ModuleDict:
+        branch = nn.ModuleDict({"conv": copy.deepcopy(self.backbone[module_name(u.conv)])})
+        if u.bn:
+            branch["bn"] = copy.deepcopy(self.backbone[module_name(u.bn)])
+        return branch
+
+    # ------------------------------------------------------------ parameters and policies
+    @property
+    def unit_names(self) -> list[str]:
+        """The policy-able nodes (conv node names), in topological order."""
+        return [u.conv for u in self.units]
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        """The policy logits (what the policy optimiser trains)."""
+        return list(self.policy.parameters())
+
+    def network_parameters(self) -> list[nn.Parameter]:
+        """Every weight except the policy logits (what the network optimiser trains)."""
+        ids = {id(p) for p in self.policy.parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+    def logits(self, task: str) -> torch.Tensor:
+        """Policy logits of ``task`` as an [units, 3] tensor (share, specific, skip)."""
+        self._check_task(task)
+        return torch.stack([self.policy[module_name(u.conv)][task] for u in self.units])
+
+    def policy_distribution(self) -> dict[str, dict[str, list[float]]]:
+        """task -> node -> softmax probabilities over [share, specific, skip]."""
+        with torch.no_grad():
+            return {t: {u.conv: p.tolist() for u, p in zip(self.units, torch.softmax(self.logits(t), -1))}
+                    for t in self.tasks}
+
+    def sample_policy(self, strategy: str = "sample", seed: int = 0) -> Policy:
+        """Draw a discrete policy: ``sample`` from softmax(logits) (seeded) or take the ``argmax``."""
+        if strategy not in ("sample", "argmax"):
+            raise AutomtlError(f"unknown sampling strategy '{strategy}'; use 'sample' or 'argmax'")
+        gen = torch.Generator().manual_seed(seed)
+        choices = {}
+        with torch.no_grad():
+            for t in self.tasks:
+                logits = self.logits(t).detach().cpu()
+                idx = (logits.argmax(-1) if strategy == "argmax"
+                       else torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0])
+                choices[t] = {u.conv: BRANCHES[int(i)] for u, i in zip(self.units, idx)}
+        return Policy(choices)
+
+    def set_policy(self, policy: Policy) -> None:
+        """Fix the policy used by ``mode="fixed"`` when no policy is passed to the call."""
+        self._fixed = policy.check(self.tasks, self.unit_names)
+
+    @property
+    def fixed_policy(self) -> Policy | None:
+        return self._fixed
+
+    def policy_regulariser(self, task: str, tau: float = 5.0, scale: float = REGULARISER_SCALE,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+        """AutoMTL's policy regulariser ("design 3") for ``task``.
+
+        R = sum_n ((D - d_n) / D) * [softplus(s (g1 - g0)) + softplus(s (g2 - g0))], g a fresh Gumbel-softmax
+        sample of the unit's logits, d_n the unit's 0-based conv depth along the longest path, D the
+        number of depth levels and s = 6. Early units weigh most, which pushes them toward sharing.
+        """
+        g = gumbel_softmax(self.logits(task), tau, generator)
+        terms = F.softplus(scale * (g[:, 1] - g[:, 0])) + F.softplus(scale * (g[:, 2] - g[:, 0]))
+        return (self._depth_weight.to(terms) * terms).sum()
+
+    # ------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, task: str | None = None, mode: str = "hard", tau: float = 5.0,
+                policy: Policy | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Output of one task (default: the only task). ``mode``: hard | soft | fixed | pretrain."""
+        if task is None:
+            if len(self.tasks) != 1:
+                raise AutomtlError(f"give task=... (one of {self.tasks}) or call forward_all")
+            task = self.tasks[0]
+        return self.forward_all(x, mode=mode, tau=tau, policy=policy, tasks=[task], generator=generator)[task]
+
+    def forward_all(self, x: torch.Tensor, mode: str = "hard", tau: float = 5.0, policy: Policy | None = None,
+                    tasks: Sequence[str] | None = None,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Outputs of several tasks (default: all) in one call; shared work runs once."""
+        tasks = tuple(self.tasks if tasks is None else tasks)
+        for t in tasks:
+            self._check_task(t)
+        if mode == "soft":
+            if tau <= 0:
+                raise AutomtlError(f"temperature tau must be positive, got {tau}")
+            gates = gumbel_softmax(torch.stack([self.logits(t) for t in self.tasks]), tau, generator)
+            feats = self._compiled_for(("soft", tasks))(x, gates)
+        elif mode == "pretrain":
+            feats = self._compiled_for(("pretrain", tasks))(x)
+        elif mode in ("hard", "fixed"):
+            feats = self._compiled_for(("plan", self._plan(mode, tasks, policy)))(x)
+        else:
+            raise AutomtlError(f"unknown mode '{mode}'; use one of {MODES}")
+        return {t: self._head(t, f, x) for t, f in zip(tasks, feats)}
+
+    def _head(self, task: str, feature: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        head = self.heads[task]
+        if getattr(head, "upsample_to_input", False):
+            return head(feature, input_size=x.shape[-2:])
+        return head(feature)
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.heads:
+            raise AutomtlError(f"unknown task '{task}'; the model's tasks are {self.tasks}")
+
+    def _plan(self, mode: str, tasks: tuple[str, ...], policy: Policy | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        if mode == "hard":
+            with torch.no_grad():
+                return tuple((t, tuple(BRANCHES[int(i)] for i in self.logits(t).argmax(-1))) for t in tasks)
+        policy = policy.check(self.tasks, self.unit_names) if policy is not None else self._fixed
+        if policy is None:
+            raise AutomtlError("mode='fixed' needs a policy: pass policy=... or call set_policy first")
+        return tuple((t, tuple(policy.choices[t][u.conv] for u in self.units)) for t in tasks)
+
+    def _compiled_for(self, key: Any) -> fx.GraphModule:
+        gm = self._compiled.get(key)
+        if gm is None:
+            gm = self._emit(key)
+            self._compiled[key] = gm
+            if len(self._compiled) > _CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(key)
+        return gm
+
+    def generated_code(self, mode: str = "hard", tasks: Sequence[str] | None = None,
+                       policy: Policy | None = None) -> str:
+        """The Python source the model runs for a kind of call (for reading and debugging)."""
+        tasks = tuple(self.tasks if tasks is None else tasks)
+        key = ("plan", self._plan(mode, tasks, policy)) if mode in ("hard", "fixed") else (mode, tasks)
+        return self._compiled_for(key).code
+
+    # ------------------------------------------------------------ code generation
+    def _emit(self, key: Any) -> fx.GraphModule:
+        kind = key[0]
+        if kind == "plan":
+            tasks = tuple(t for t, _ in key[1])
+            plans: dict[str, tuple[str, ...] | None] = {t: choice for t, choice in key[1]}
+        else:
+            tasks = key[1]
+            plans = {t: None for t in tasks}
+        emitter = _Emitter()
+        x = emitter.graph.placeholder("x")
+        gates = emitter.graph.placeholder("gates") if kind == "soft" else None
+        outputs = []
+        for t in tasks:
+            env: dict[str, fx.Node] = {}
+            for node in self.mt.graph.topological_order():
+                if node.op == "input":
+                    env[node.name] = x
+                elif node.name in self._unit_of_conv:
+                    u = self._unit_of_conv[node.name]
+                    env[u.output] = self._emit_unit(emitter, u, t, env[node.inputs[0]], kind, plans[t], gates)
+                elif node.name in self._in_unit:
+                    continue
+                elif node.name in self._functions:
+                    fn, kwargs = self._functions[node.name]
+                    env[node.name] = emitter.function(fn, tuple(env[i] for i in node.inputs), kwargs, node.name)
+                else:
+                    env[node.name] = emitter.module(f"backbone.{module_name(node.name)}",
+                                                   tuple(env[i] for i in node.inputs), node.name)
+            outputs.append(env[self.mt.feature_node])
+        emitter.graph.output(tuple(outputs))
+        gm = fx.GraphModule(self, emitter.graph, "SuperModelForward")
+        return gm
+
+    def _emit_unit(self, em: _Emitter, u: Unit, task: str, x: fx.Node, kind: str,
+                   plan: tuple[str, ...] | None, gates: fx.Node | None) -> fx.Node:
+        key = module_name(u.conv)
+        index = self.units.index(u)
+        wanted = (plan[index],) if plan is not None else BRANCHES
+        values = {}
+        if "share" in wanted:
+            v = em.module(f"backbone.{key}", (x,), u.conv)
+            values["share"] = em.module(f"backbone.{module_name(u.bn)}", (v,), u.bn) if u.bn else v
+        if "specific" in wanted:
+            v = em.module(f"specific.{key}.{task}.conv", (x,), f"{u.conv}_{task}")
+            values["specific"] = em.module(f"specific.{key}.{task}.bn", (v,), f"{u.bn}_{task}") if u.bn else v
+        if "skip" in wanted:
+            values["skip"] = x if u.skip.identity else em.module(f"skip.{key}.{task}", (x,), f"{u.conv}_skip_{task}")
+        if plan is not None:
+            return values[plan[index]]
+        a, b, c = (values[k] for k in BRANCHES)
+        if kind == "pretrain":
+            return em.function(mean3, (a, b, c), {}, f"{u.output}_{task}")
+        assert gates is not None
+        gate = em.function(operator.getitem, (gates, (self.tasks.index(task), index)), {}, f"g_{key}_{task}")
+        return em.function(mix3, (a, b, c, gate), {}, f"{u.output}_{task}")
+
+    # ------------------------------------------------------------ files
+    def save(self, directory: str | Path) -> Path:
+        """Write the model to a directory: JSON structure + safetensors weights (no pickle)."""
+        from .supermodel_io import save_supermodel
+
+        return save_supermodel(self, directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, heads: dict[str, nn.Module] | None = None) -> SuperModel:
+        """Read a model written by :meth:`save`; custom (non-built-in) heads are passed in ``heads``."""
+        from .supermodel_io import load_supermodel
+
+        return load_supermodel(directory, heads)
+
+    # ------------------------------------------------------------ summaries
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by group: backbone (shared), specific, skip, policy, heads, total."""
+        groups = {k: sum(p.numel() for p in getattr(self, k).parameters())
+                  for k in ("backbone", "specific", "skip", "policy", "heads")}
+        groups["total"] = sum(groups.values())
+        return groups
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.tasks}, units={len(self.units)}, depth levels={self.mt.num_levels}"
+
+
+class _Emitter:
+    """Builds one fx graph, emitting each (target, arguments) expression at most once."""
+
+    def __init__(self) -> None:
+        self.graph = fx.Graph()
+        self.memo: dict[Any, fx.Node] = {}
+
+    def module(self, target: str, args: tuple[Any, ...], name: str) -> fx.Node:
+        key = ("module", target, args)
+        if key not in self.memo:
+            self.memo[key] = self.graph.create_node("call_module", target, args, {}, name=module_name(name))
+        return self.memo[key]
+
+    def function(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> fx.Node:
+        key = ("function", fn, args, tuple(sorted(kwargs.items())))
+        if key not in self.memo:
+            self.memo[key] = self.graph.create_node("call_function", fn, args, kwargs, name=module_name(name))
+        return self.memo[key]

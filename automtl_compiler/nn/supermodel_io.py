@@ -1,0 +1,80 @@
+"""Save and load a SuperModel as a directory of JSON and safetensors (never pickle).
+
+Layout: ``supermodel.json`` (tasks, heads, fixed policy), ``backbone.json`` (the trunk's IR structure)
+and ``weights.safetensors`` (the whole state dict, names as in ``SuperModel.state_dict()``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import AutomtlError, FileFormatError, require_file
+from ..ir.serialize import atomic_write, load_graph, save_graph
+from ..passes.multitask import insert_task_branches
+from .heads import make_head
+from .policy import Policy
+
+if TYPE_CHECKING:
+    from .supermodel import SuperModel
+
+FORMAT = "automtl-supermodel"
+
+
+def save_supermodel(model: SuperModel, directory: str | Path) -> Path:
+    """Write ``model`` into ``directory`` (created if needed); each file is replaced atomically."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise AutomtlError(f"{directory} exists and is not a directory; choose another output path")
+    directory.mkdir(parents=True, exist_ok=True)
+    heads = {t: dict(getattr(h, "spec", None) or {"type": "custom", "class": f"{type(h).__module__}.{type(h).__qualname__}"})
+             for t, h in model.heads.items()}
+    doc = {"format": FORMAT, "version": 1, "tasks": model.tasks, "feature_node": model.mt.feature_node,
+           "heads": heads, "fixed_policy": model.fixed_policy.to_json() if model.fixed_policy else None}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(directory / "weights.safetensors", lambda tmp: save_file(state, str(tmp)))
+    save_graph(model.mt.graph, directory / "backbone.json", tensors=False)
+    atomic_write(directory / "supermodel.json", lambda tmp: tmp.write_text(json.dumps(doc, indent=1)))
+    return directory
+
+
+def load_supermodel(directory: str | Path, heads: dict[str, nn.Module] | None = None) -> SuperModel:
+    """Read a directory written by :func:`save_supermodel`. Custom heads must be passed in ``heads``."""
+    from .supermodel import SuperModel
+
+    directory = Path(directory)
+    meta_path = require_file(directory / "supermodel.json", "supermodel.json (is this a SuperModel directory?)")
+    try:
+        doc = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FileFormatError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise FileFormatError(f"{meta_path}: not an automtl SuperModel description")
+    graph = load_graph(directory / "backbone.json")
+    built: dict[str, nn.Module] = {}
+    for task, spec in doc["heads"].items():
+        if heads and task in heads:
+            built[task] = heads[task]
+        elif spec.get("type") == "custom":
+            raise AutomtlError(f"{meta_path}: task '{task}' has a custom head ({spec.get('class')}); pass it as "
+                               f"heads={{'{task}': module}} to load")
+        else:
+            built[task] = make_head(spec)
+    model = SuperModel(insert_task_branches(graph, list(doc["tasks"])), built)
+    wpath = require_file(directory / "weights.safetensors", "weights.safetensors")
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FileFormatError(f"{wpath}: corrupt safetensors file ({e})") from None
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise FileFormatError(f"{wpath}: weights do not match the model (missing {result.missing_keys[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]})")
+    if doc.get("fixed_policy"):
+        model.set_policy(Policy.from_json(doc["fixed_policy"], str(meta_path)))
+    return model

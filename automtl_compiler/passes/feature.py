@@ -1,0 +1,56 @@
+"""Feature-node detection and truncation: where the task heads attach to a backbone."""
+
+from __future__ import annotations
+
+from ..errors import GraphError
+from ..ir.graph import Graph, Node
+
+_FLAT = {"flatten", "linear"}
+
+
+def _reduces_space(node: Node) -> bool:
+    if node.op in _FLAT:
+        return True
+    if node.op in ("adaptive_avgpool2d", "adaptive_maxpool2d"):
+        return tuple(node.attrs["output_size"]) == (1, 1)
+    if node.op == "mean":
+        return bool({d % 4 for d in node.attrs["dim"]} & {2, 3})
+    return False
+
+
+def find_feature_node(graph: Graph) -> str:
+    """The last node with a spatial (4-D) output before global pooling or flatten.
+
+    Walks the graph in order to the first node that removes the spatial dimensions (global pooling,
+    spatial mean, flatten, linear) and returns its 4-D input; a graph with no such node (a dense
+    backbone such as AutoMTL's DeepLab ResNet) gives its single 4-D output.
+    """
+    for node in graph.topological_order():
+        if _reduces_space(node):
+            src = graph.node(node.inputs[0])
+            if src.shape is None or len(src.shape) != 4:
+                raise GraphError(f"{node.where} reduces a non-spatial tensor; name the feature node explicitly")
+            return src.name
+    spatial = [o for o in graph.outputs if len(graph.node(o).shape or ()) == 4]
+    if len(spatial) != 1:
+        raise GraphError(f"graph '{graph.name}' has no global pooling and {len(spatial)} spatial outputs; "
+                         "name the feature node explicitly (feature_node=...)")
+    return spatial[0]
+
+
+def truncate(graph: Graph, feature_node: str) -> Graph:
+    """A copy of ``graph`` holding only what ``feature_node`` depends on, with that node as the output."""
+    node = graph.node(feature_node)
+    if node.shape is None or len(node.shape) != 4:
+        raise GraphError(f"feature node '{feature_node}' has shape {list(node.shape or ())}; a head needs a "
+                         "4-D [N, C, H, W] feature map: pick a node before global pooling")
+    import networkx as nx
+
+    keep = nx.ancestors(graph.nx, feature_node) | {feature_node}
+    out = Graph(graph.name)
+    for n in graph.topological_order():
+        if n.name in keep:
+            out.add_node(n.name, n.op, n.inputs, n.attrs, params=n.params, buffers=n.buffers, shape=n.shape,
+                         source=n.source)
+    out.set_outputs([feature_node])
+    return out
