@@ -88,7 +88,17 @@ def _load(source: str, input_shape: str | None, weights: str | None = None) -> A
 @_WEIGHTS
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 def inspect(source: str, input_shape: str | None, weights: str | None, as_json: bool) -> None:
-    """Show every node of SOURCE (op, output shape, parameters, FLOPs) and the totals."""
+    """Show every node of SOURCE (op, output shape, parameters, FLOPs) and the totals.
+
+    SOURCE may also be a SuperModel directory written by `automtl compile`.
+    """
+    if (Path(source) / "supermodel.json").is_file():
+        from automtl_compiler.nn.supermodel import SuperModel
+
+        model = SuperModel.load(source)
+        click.echo(json.dumps({"tasks": model.tasks, "units": model.unit_names, "depth_levels": model.mt.num_levels,
+                               "parameters": model.parameter_counts()}, indent=1) if as_json else model.summary())
+        return
     graph = _load(source, input_shape, weights)
     if not as_json:
         click.echo(graph.summary())
@@ -127,6 +137,59 @@ def convert(source: str, out: str, input_shape: str | None, weights: str | None,
     else:
         save_graph(graph, path)
         click.echo(f"wrote {path} and {path.with_suffix('.safetensors')}")
+
+
+def parse_task(text: str) -> tuple[str, int]:
+    """'segment_semantic:13' -> ('segment_semantic', 13)."""
+    name, sep, channels = text.partition(":")
+    if not sep or not name:
+        raise click.BadParameter(f"'{text}' must be NAME:CHANNELS, e.g. segment_semantic:13", param_hint="--task")
+    try:
+        count = int(channels)
+    except ValueError:
+        raise click.BadParameter(f"'{text}': channels '{channels}' is not a whole number", param_hint="--task") from None
+    if count <= 0:
+        raise click.BadParameter(f"'{text}': a task needs at least one output channel", param_hint="--task")
+    return name, count
+
+
+@main.command(name="compile")
+@click.argument("backbone")
+@click.option("--task", "tasks", multiple=True, required=True, metavar="NAME:CHANNELS",
+              help="A task and its output channels (repeat for each task).")
+@click.option("--head", type=click.Choice(["aspp", "cls"]), default="aspp", show_default=True,
+              help="Head for every task: ASPP (pixel tasks) or classification.")
+@click.option("--head-hidden", type=click.IntRange(1), default=256, show_default=True,
+              help="ASPP hidden width (AutoMTL uses 1024).")
+@click.option("--feature-node", default=None, help="Node whose output the heads read (default: automatic).")
+@_SHAPE
+@_WEIGHTS
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
+              help="Directory to write the SuperModel to.")
+def compile_(backbone: str, tasks: tuple[str, ...], head: str, head_hidden: int, feature_node: str | None,
+             input_shape: str | None, weights: str | None, out: str) -> None:
+    """Compile BACKBONE into a multi-task SuperModel with a head per --task."""
+    from automtl_compiler import build_supermodel
+    from automtl_compiler.nn.heads import make_head
+    from automtl_compiler.passes.feature import find_feature_node
+
+    specs = [parse_task(t) for t in tasks]
+    names = [n for n, _ in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise click.BadParameter(f"task name(s) {dup} given twice", param_hint="--task")
+    graph = _load(backbone, input_shape, weights)
+    feature = feature_node or find_feature_node(graph)
+    if feature not in graph:
+        raise AutomtlError(f"feature node '{feature}' is not in {backbone}; see `automtl inspect {backbone}`")
+    channels = (graph.node(feature).shape or (0, 0))[1]
+    spec = {"type": head, "in_channels": channels}
+    heads = {n: make_head({**spec, "num_classes": k, **({"hidden": head_hidden} if head == "aspp" else {})})
+             for n, k in specs}
+    model = build_supermodel(graph, heads, feature_node=feature)
+    model.save(out)
+    click.echo(model.summary())
+    click.echo(f"wrote {out}")
 
 
 if __name__ == "__main__":

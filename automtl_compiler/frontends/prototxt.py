@@ -468,22 +468,17 @@ class _Builder:
         if scale is not None and p.HasField("affine") and p.affine:
             raise UnsupportedOpError(f"{self.describe(scale)}: follows BatchNorm '{layer.proto.name}', which is "
                                      "already affine (affine: true); a second scale cannot be folded into it")
-        if scale is not None:
-            affine = True
-        elif p.HasField("affine"):
-            affine = p.affine
-        elif any(p.HasField(f) for f in _AUTOMTL_BN_FIELDS):
-            affine = True
+        if any(p.HasField(f) for f in _AUTOMTL_BN_FIELDS):
+            pytorch_style = True
         elif any(p.HasField(f) for f in _CAFFE_BN_FIELDS):
-            affine = False
+            pytorch_style = False
         else:
-            affine = self.automtl_dialect
-        if p.HasField("momentum"):
+            pytorch_style = self.automtl_dialect
+        affine = True if scale is not None else p.affine if p.HasField("affine") else pytorch_style
+        if p.HasField("momentum") or (pytorch_style and not p.HasField("moving_average_fraction")):
             momentum = f32(p.momentum)
-        elif p.HasField("moving_average_fraction"):
+        else:  # Caffe's running averages keep `moving_average_fraction` of the old value
             momentum = f32(1.0 - f32(p.moving_average_fraction))
-        else:
-            momentum = 0.1
         attrs = {"eps": f32(p.eps), "momentum": momentum, "affine": affine,
                  "track_running_stats": p.track_running_stats}
         node = self.emit(layer, "batchnorm2d", [bottom], attrs)

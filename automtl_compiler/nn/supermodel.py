@@ -320,6 +320,25 @@ class SuperModel(nn.Module):
         groups["total"] = sum(groups.values())
         return groups
 
+    def summary(self) -> str:
+        """A readable summary: units, depth levels, feature node, parameters by group and per task."""
+        counts = self.parameter_counts()
+        feat = self.mt.graph.node(self.mt.feature_node)
+        skips = sum(not u.skip.identity for u in self.units)
+        lines = [f"SuperModel over '{self.mt.graph.name}': {len(self.tasks)} task(s) {', '.join(self.tasks)}",
+                 f"policy-able units: {len(self.units)} convs ({sum(u.bn is not None for u in self.units)} with "
+                 f"batch norm, {skips} with a skip projection), depth levels D = {self.mt.num_levels}",
+                 f"feature node: {feat.name} {list(feat.shape or ())}",
+                 "parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())]
+        for t in self.tasks:
+            head = self.heads[t]
+            kind = getattr(head, "spec", {}).get("type", type(head).__name__)
+            task_params = (sum(p.numel() for p in self.specific.parameters()) // len(self.tasks)
+                           + sum(p.numel() for p in head.parameters()))
+            lines.append(f"  task {t}: head {kind} ({sum(p.numel() for p in head.parameters()):,} parameters), "
+                         f"task-owned parameters {task_params + counts['skip'] // len(self.tasks):,}")
+        return "\n".join(lines)
+
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}, units={len(self.units)}, depth levels={self.mt.num_levels}"
 
