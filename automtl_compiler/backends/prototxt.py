@@ -43,7 +43,8 @@ _SIMPLE_TYPES = {"relu": "ReLU", "relu6": "ReLU6", "silu": "Swish", "sigmoid": "
                  "hardswish": "HardSwish", "hardsigmoid": "HardSigmoid", "identity": "Identity"}
 
 
-def _set_pair(param: Any, name: str, value: tuple[int, int], *, repeated: bool, skip_default: int | None = None) -> None:
+def _set_pair(param: Any, name: str, value: tuple[int, int], *, repeated: bool,
+              skip_default: int | None = None) -> None:
     """Write a 2-D size: one value when square, else ``<name>_h``/``<name>_w``."""
     if skip_default is not None and value == (skip_default, skip_default):
         return

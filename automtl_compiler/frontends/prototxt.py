@@ -29,14 +29,15 @@ Blobs
 Batch normalisation
     Genuine Caffe's ``BatchNorm`` has no affine part; a ``Scale`` layer that is the next reader of
     its top is folded into the batch norm as its weight (and bias, zero without ``bias_term``), and a
-    Caffe BatchNorm with no Scale after it becomes ``affine=False``. ``moving_average_fraction`` f
-    becomes ``momentum = 1 - f``; ``use_global_stats`` only selects train/test behaviour, which the
-    torch module's mode does, so it is not stored. The AutoMTL dialect's PyTorch-style fields
-    ``eps``, ``momentum``, ``affine`` and ``track_running_stats`` are taken as written. An
-    unspecified ``affine`` is true for a layer that uses an AutoMTL field (or, when it uses neither
-    kind of field, in a file that uses AutoMTL extension fields anywhere): AutoMTL's ResNet-34 file
-    counts the batch-norm weights and biases among its 21,284,672 parameters. A ``Scale`` anywhere
-    else is an UnsupportedOpError.
+    Caffe BatchNorm with no Scale after it becomes ``affine=False``, and its
+    ``moving_average_fraction`` f (default 0.999) becomes ``momentum = 1 - f``; ``use_global_stats``
+    only selects train/test behaviour, which the torch module's mode does, so it is not stored. The
+    AutoMTL dialect's PyTorch-style fields ``eps``, ``momentum``, ``affine`` and
+    ``track_running_stats`` are taken as written, with PyTorch's defaults (momentum 0.1, affine true:
+    AutoMTL's ResNet-34 file counts the batch-norm weights and biases among its 21,284,672
+    parameters). A layer is read the PyTorch way when it uses an AutoMTL field, the Caffe way when it
+    uses a Caffe-only field, and otherwise the PyTorch way only if the file uses AutoMTL extension
+    fields anywhere. A ``Scale`` anywhere else is an UnsupportedOpError.
 
 automtl extensions (written by :mod:`automtl_compiler.backends.prototxt`, read back here)
     Layer types ``Swish`` (silu; also upstream Caffe's name), ``HardSwish``, ``HardSigmoid``,
@@ -238,6 +239,7 @@ class _Builder:
         self.read_anywhere = {b for layer in self.layers for b in layer.proto.bottom}
         self.unread_inputs: list[str] = []
         self.produced: list[str] = []            # non-input nodes in the order they were made
+        self.silenced: set[str] = set()          # nodes read by Silence layers (so not outputs)
         self.absorbed: dict[int, str] = {}       # layer index -> node it was folded into
         self.caffe_layout: dict[str, tuple[str, str]] = {}   # layer name -> (kind, node) for .caffemodel
         self.optional: set[str] = set()          # tensor keys a weights file may omit
@@ -396,7 +398,7 @@ class _Builder:
                 raise type(e)(text) from None
         if pending_override:
             self.apply_input_override()
-        outputs = [n for n in self.produced if n in self.graph and not self.graph.consumers(n)]
+        outputs = [n for n in self.produced if not self.graph.consumers(n) and n not in self.silenced]
         if not outputs:
             raise GraphError(f"{self.path}: the network has no layers that compute anything")
         self.graph.set_outputs(outputs)
@@ -437,7 +439,7 @@ class _Builder:
     def layer_Silence(self, pos: int, layer: _Layer) -> None:
         if layer.proto.top:
             raise ParseError(f"Silence layer '{layer.proto.name}' must have no tops", path=self.path, line=layer.line)
-        self.bottoms(layer)
+        self.silenced.update(self.bottoms(layer))
 
     def layer_Convolution(self, pos: int, layer: _Layer) -> None:
         p, where = layer.proto.convolution_param, self.describe(layer)

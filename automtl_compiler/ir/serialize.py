@@ -30,6 +30,9 @@ def atomic_write(path: str | Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files owner-only; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -21,7 +21,6 @@ from torch import fx, nn
 
 from ..backends.torch_codegen import module_name
 from ..errors import AutomtlError
-from ..ir.graph import Graph
 from ..ir.ops import get_op
 from ..passes.multitask import BRANCHES, MultiTaskGraph, SkipSpec, Unit
 from .policy import Policy, gumbel_softmax
