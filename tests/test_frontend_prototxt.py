@@ -382,3 +382,21 @@ def test_weights_with_wrong_shape_missing_or_unexpected(tmp_path):
 
 def test_errors_are_automtl_errors():
     assert issubclass(ParseError, AutomtlError) and issubclass(UnsupportedOpError, AutomtlError)
+
+
+def test_full_size_automtl_dialect_resnet34(tmp_path):
+    """A full DeepLab ResNet-34 in AutoMTL's dialect builds, runs on its declared size, and counts right."""
+    from automtl_compiler import load_backbone, save_graph, to_torch
+    from automtl_compiler.backbones import deeplab_resnet34
+    from tests.automtl_dialect import write_automtl_dialect
+
+    source = load_backbone(deeplab_resnet34().eval(), input_shape=(1, 3, 226, 226))
+    path = tmp_path / "deeplab_resnet34_automtl.prototxt"
+    path.write_text(write_automtl_dialect(source, (1, 3, 226, 226)))
+    save_graph(source, tmp_path / "src.json")
+    graph = load_prototxt(path, weights=tmp_path / "src.safetensors")
+    assert graph.num_parameters() == 21_284_672
+    assert graph.node(graph.outputs[0]).shape == (1, 512, 29, 29)
+    x = torch.randn(1, 3, 226, 226)
+    with torch.no_grad():
+        torch.testing.assert_close(to_torch(graph).eval()(x), to_torch(source).eval()(x), rtol=1e-5, atol=1e-5)
