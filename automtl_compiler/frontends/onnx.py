@@ -45,6 +45,17 @@ def _is_scalar(a: np.ndarray | None, value: float) -> bool:
     return a is not None and a.size == 1 and abs(float(a.reshape(-1)[0]) - value) <= _TOL * max(1.0, abs(value))
 
 
+def _initialiser(init: Any) -> np.ndarray:
+    """An initialiser as an array; raw float32 data is viewed, not copied (``_tensor`` makes the one copy)."""
+    import onnx
+    from onnx import numpy_helper
+
+    if init.data_type == onnx.TensorProto.FLOAT and init.raw_data and not init.external_data \
+            and len(init.raw_data) == 4 * math.prod(init.dims):
+        return np.frombuffer(init.raw_data, dtype="<f4").reshape(tuple(init.dims))
+    return numpy_helper.to_array(init)
+
+
 def _tensor(a: np.ndarray) -> torch.Tensor:
     """A float32 torch copy of a numpy array (parameters of the IR are float32)."""
     return torch.from_numpy(np.array(a, dtype=np.float32, copy=True))
@@ -94,7 +105,7 @@ class _Converter:
                                      "initialisers")
         for init in self.g.initializer:
             try:
-                self.const[init.name] = numpy_helper.to_array(init)
+                self.const[init.name] = _initialiser(init)
             except Exception as e:  # a corrupt tensor record
                 raise FileFormatError(f"{path}: initialiser '{init.name}' cannot be read ({e}); the file is "
                                       "corrupt or incomplete, re-export it") from None

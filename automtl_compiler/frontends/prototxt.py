@@ -74,7 +74,6 @@ from ..errors import (AutomtlError, FileFormatError, GraphError, ParseError, Sha
                       require_file)
 from ..ir.graph import Graph, Node
 from ..ir.ops import get_op, tensor_shapes
-from ..ir.serialize import graph_tensors
 from ..proto import caffe_pb2
 
 Shape = tuple[int, ...]
@@ -730,7 +729,10 @@ def _load_weights(graph: Graph, path: Path, layout: dict[str, tuple[str, str]], 
     else:
         raise FileFormatError(f"{path}: unknown weights format '{suffix or 'no suffix'}'; give a .safetensors "
                               "file (keys <layer>/<tensor>) or a binary .caffemodel")
-    have = graph_tensors(graph)
+    have: dict[str, tuple[tuple[int, ...], bool]] = {}
+    for name, (params, buffers) in graph.tensor_specs().items():
+        have.update({f"{name}/{k}": (shape, False) for k, shape in params.items()})
+        have.update({f"{name}/{k}": (shape, True) for k, shape in buffers.items()})
     missing = sorted(k for k in have if k not in given and k not in optional)
     unexpected = sorted(k for k in given if k not in have)
     if missing or unexpected:
@@ -745,15 +747,15 @@ def _load_weights(graph: Graph, path: Path, layout: dict[str, tuple[str, str]], 
     for key, value in given.items():
         name, tensor = key.rsplit("/", 1)
         node = graph.node(name)
-        target = node.params if tensor in node.params else node.buffers
-        want = target[tensor]
-        if tuple(value.shape) != tuple(want.shape):
-            squeezed = [d for d in value.shape if d != 1] == [d for d in want.shape if d != 1]
+        want, is_buffer = have[key]
+        if tuple(value.shape) != tuple(want):
+            squeezed = [d for d in value.shape if d != 1] == [d for d in want if d != 1]
             if not (suffix == ".caffemodel" and squeezed):
                 raise ShapeError(f"{path}: tensor '{key}' has shape {list(value.shape)}, the network needs "
-                                 f"{list(want.shape)} ({node.where})")
-            value = value.reshape(want.shape)
-        target[tensor] = value.to(want.dtype).clone()
+                                 f"{list(want)} ({node.where})")
+            value = value.reshape(want)
+        dtype = torch.long if tensor == "num_batches_tracked" else torch.float32
+        (node.buffers if is_buffer else node.params)[tensor] = value.to(dtype)
 
 
 def load_prototxt(path: str | Path, *, input_shape: tuple[int, ...] | None = None,
@@ -769,10 +771,10 @@ def load_prototxt(path: str | Path, *, input_shape: tuple[int, ...] | None = Non
     net, text = _parse_text(path)
     builder = _Builder(path, net, text, input_shape)
     graph = builder.build()
-    graph.materialise(seed=0)
     if weights is not None:
+        graph.materialise(complete=False)
         _load_weights(graph, require_file(weights, "weights file"), builder.caffe_layout, builder.optional)
-    return graph
+    return graph.materialise(seed=0)
 
 
 __all__ = ["load_prototxt", "f32"]

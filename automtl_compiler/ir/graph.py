@@ -160,11 +160,13 @@ class Graph:
         return copy.deepcopy(self)
 
     # ------------------------------------------------------------ shapes and tensors
-    def materialise(self, seed: int | None = 0) -> Graph:
+    def materialise(self, seed: int | None = 0, *, complete: bool = True) -> Graph:
         """Infer every output shape, check parameter shapes, and initialise missing parameters.
 
         Missing tensors are created from the op's init rule with a generator seeded by ``seed`` (Kaiming
-        for convolutions); with ``seed=None`` a missing tensor is an error. Returns ``self``.
+        for convolutions); with ``seed=None`` a missing tensor is an error. With ``complete=False`` only
+        shapes are inferred and the tensors present are checked (for loaders that fill tensors next).
+        Returns ``self``.
         """
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for node in self.topological_order():
@@ -179,16 +181,27 @@ class Graph:
                 raise ShapeError(f"{node.where}: recorded shape {list(node.shape)} conflicts with the "
                                  f"inferred {list(shape)}")
             node.shape = shape
+            buffer_names = opdef.buffers(node.attrs, ins)  # type: ignore[arg-type]
             missing = {k: s for k, s in expected.items() if k not in node.params and k not in node.buffers}
-            if missing:
+            if not complete:
+                expected = {k: s for k, s in expected.items() if k not in missing}
+            elif missing:
                 if gen is None:
                     raise GraphError(f"{node.where}: missing tensor(s) {sorted(missing)}")
                 for key, value in opdef.init(node.attrs, expected, gen).items():
                     if key in missing:
-                        target = node.buffers if key in opdef.buffers(node.attrs, ins) else node.params
-                        target[key] = value
-            self._check_tensors(node, expected, opdef.buffers(node.attrs, ins))  # type: ignore[arg-type]
+                        (node.buffers if key in buffer_names else node.params)[key] = value
+            self._check_tensors(node, expected, buffer_names)
         return self
+
+    def tensor_specs(self) -> dict[str, tuple[dict[str, Shape], dict[str, Shape]]]:
+        """Per node, the (parameter, buffer) shapes its op expects; needs inferred shapes."""
+        out = {}
+        for node in self.nodes():
+            opdef = get_op(node.op, node.where)
+            ins = [self.node(i).shape for i in node.inputs]
+            out[node.name] = (opdef.params(node.attrs, ins), opdef.buffers(node.attrs, ins))  # type: ignore[arg-type]
+        return out
 
     @staticmethod
     def _check_tensors(node: Node, expected: dict[str, Shape], buffer_names: dict[str, Shape]) -> None:
