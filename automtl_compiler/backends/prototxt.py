@@ -18,10 +18,12 @@ automtl extensions (upstream Caffe does not read these; the frontend does)
       when ``keepdim`` is false, by a ``Flatten`` layer ``N/flatten`` whose top is ``N``; the frontend
       reads that pair back as one ``mean`` node. With ``keepdim`` true it reads back as the equivalent
       ``adaptive_avgpool2d`` to (1, 1).
+    * Adaptive pooling to a size other than (1, 1) is a ``global_pooling`` layer refined by
+      ``pooling_param.adaptive_output_size: [h, w]``.
 
 Attributes the schema has no place for are refused with a clear error rather than dropped: gelu with
 ``approximate='tanh'``, row-less stochastic depth, pooling with dilation, average pooling that excludes
-padding, adaptive pooling to a size other than (1, 1), mean over other dimensions. A prototxt's
+padding, mean over other dimensions. A prototxt's
 outputs are the blobs no layer reads, in layer order, so a graph whose outputs are read by other nodes
 (or that has dead nodes) cannot be written either.
 """
@@ -158,15 +160,14 @@ class _Writer:
         p = self.layer(node, "Pooling", **kw).pooling_param
         p.pool = method
         p.global_pooling = True
+        size = tuple(node.attrs.get("output_size", (1, 1)))
+        if size != (1, 1):
+            p.adaptive_output_size.extend(size)
 
     def op_adaptive_avgpool2d(self, node: Node) -> None:
-        if tuple(node.attrs["output_size"]) != (1, 1):
-            self.refuse(node, f"output_size {list(node.attrs['output_size'])} (only (1, 1), global pooling)")
         self._global(node, caffe_pb2.PoolingParameter.AVE)
 
     def op_adaptive_maxpool2d(self, node: Node) -> None:
-        if tuple(node.attrs["output_size"]) != (1, 1):
-            self.refuse(node, f"output_size {list(node.attrs['output_size'])} (only (1, 1), global pooling)")
         self._global(node, caffe_pb2.PoolingParameter.MAX)
 
     def op_mean(self, node: Node) -> None:

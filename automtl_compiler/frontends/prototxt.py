@@ -553,10 +553,14 @@ class _Builder:
             if p.HasField("kernel_size") or p.HasField("kernel_h") or p.HasField("kernel_w"):
                 raise ParseError(f"Pooling layer '{layer.proto.name}': global_pooling and a kernel size are "
                                  "exclusive", path=self.path, line=layer.line)
-            if p.pool == P.AVE and self.fuse_mean(pos, layer, inputs):
+            size = tuple(p.adaptive_output_size) or (1, 1)
+            if len(size) != 2 or 0 in size:
+                raise ParseError(f"Pooling layer '{layer.proto.name}': adaptive_output_size needs two positive "
+                                 f"values [h, w], got {list(size)}", path=self.path, line=layer.line)
+            if size == (1, 1) and p.pool == P.AVE and self.fuse_mean(pos, layer, inputs):
                 return
             op = "adaptive_avgpool2d" if p.pool == P.AVE else "adaptive_maxpool2d"
-            self.write(layer, self.emit(layer, op, inputs, {"output_size": (1, 1)}).name)
+            self.write(layer, self.emit(layer, op, inputs, {"output_size": size}).name)
             return
         kernel = _pool_pair(p, "kernel_size", None, where)
         if kernel is None:
