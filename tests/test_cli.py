@@ -67,3 +67,27 @@ def test_failed_convert_keeps_existing_output(tmp_path):
     res = run("convert", "torchvision:resnet18", "-o", str(out), "--input-shape", "1,1,32,32")
     assert res.returncode == 2 and "conv1" in res.stderr
     assert out.read_text() == "precious"
+
+
+def test_compile_and_inspect_supermodel(tmp_path):
+    out = tmp_path / "sm"
+    res = run("compile", "torchvision:resnet18", "--task", "seg:13", "--task", "depth:1", "--head-hidden", "8",
+              "--input-shape", "1,3,32,32", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "policy-able units: 20 convs" in res.stdout and (out / "weights.safetensors").exists()
+    res = run("inspect", str(out), "--json")
+    doc = json.loads(res.stdout)
+    assert doc["tasks"] == ["seg", "depth"] and len(doc["units"]) == 20
+
+
+@pytest.mark.parametrize("task,needle", [("seg", "NAME:CHANNELS"), ("seg:0", "at least one"),
+                                         ("seg:x", "not a whole number")])
+def test_compile_rejects_bad_task_specs(tmp_path, task, needle):
+    res = run("compile", "torchvision:resnet18", "--task", task, "-o", str(tmp_path / "sm"))
+    assert res.returncode == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "sm").exists()
+
+
+def test_compile_rejects_duplicate_tasks(tmp_path):
+    res = run("compile", "torchvision:resnet18", "--task", "a:1", "--task", "a:2", "-o", str(tmp_path / "sm"))
+    assert res.returncode == 2 and "given twice" in res.stderr

@@ -219,6 +219,18 @@ def test_parameter_counts_for_resnet34(tasks, millions):
     assert counts["policy"] == 3 * tasks * len(convs) == 3 * tasks * len(sm.units)
 
 
+def test_bundled_automtl_resnet34_counts():
+    """AutoMTL's DeepLab ResNet-34 (the bundled prototxt), T = 3: the figure from the AutoMTL setting."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "models" / "deeplab_resnet34.prototxt"
+    heads = {f"t{i}": ASPPHead(512, 2, hidden=4) for i in range(3)}
+    sm = build_supermodel(str(path), heads, input_shape=(1, 3, 64, 64))
+    counts = sm.parameter_counts()
+    assert counts["total"] - counts["heads"] - counts["policy"] == 86_182_592
+    assert len(sm.units) == 36 and sm.mt.num_levels == 33
+
+
 def test_forward_all_equals_per_task_calls_and_shares_work(resnet):
     _, sm = resnet
     x = torch.randn(*SHAPE)
