@@ -10,29 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from automtl_compiler import Graph, export_prototxt, load_backbone, to_torch
 from automtl_compiler.errors import GraphError, UnsupportedOpError
 from automtl_compiler.frontends.prototxt import load_prototxt
+from tests.helpers import randomised
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mnasnet1_0")
 MODELS = TORCHVISION_MODELS + ("deeplab_resnet34",)
 
-
-def randomised(name: str) -> nn.Module:
-    """A torchvision model with random weights and non-trivial batch-norm statistics, in eval mode."""
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None)
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model.eval()
 
 
 def same_attrs(a: dict, b: dict) -> bool:

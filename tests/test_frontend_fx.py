@@ -9,23 +9,11 @@ from torch import nn
 
 from automtl_compiler import load_backbone, to_torch
 from automtl_compiler.errors import AutomtlError, ShapeError, UnsupportedOpError
+from tests.helpers import randomised
 
 FAST = ["resnet18", "mobilenet_v2", "mobilenet_v3_large", "mnasnet1_0", "efficientnet_b0"]
 SLOW = ["resnet34", "resnet50", "vgg16_bn", "densenet121"]
 
-
-def randomised(name: str) -> nn.Module:
-    """A torchvision model with random weights and non-trivial batch-norm statistics, in eval mode."""
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None)
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model.eval()
 
 
 def check_parity(name: str) -> None:

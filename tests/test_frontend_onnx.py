@@ -13,13 +13,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torchvision
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from automtl_compiler import load_backbone, to_torch
-from automtl_compiler.errors import AutomtlError, FileFormatError, ShapeError, UnsupportedOpError
+from automtl_compiler.errors import (
+    AutomtlError,
+    FileFormatError,
+    ShapeError,
+    UnsupportedOpError,
+)
 from automtl_compiler.frontends.onnx import load_onnx
+from tests.helpers import randomised
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -30,19 +35,6 @@ TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
 # ---------------------------------------------------------------- helpers
-
-def randomised(name: str) -> nn.Module:
-    """A torchvision model with random weights and non-trivial batch-norm statistics, in eval mode."""
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None)
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model.eval()
 
 
 def export(model: nn.Module, x: torch.Tensor, path, exporter: str, **kw) -> None:

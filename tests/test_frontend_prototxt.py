@@ -8,14 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from automtl_compiler.proto import caffe_pb2
 from safetensors.torch import save_file
 
 from automtl_compiler import load_backbone, to_torch
-from automtl_compiler.errors import (AutomtlError, FileFormatError, GraphError, ParseError, ShapeError,
-                                     UnsupportedOpError)
+from automtl_compiler.errors import (
+    AutomtlError,
+    FileFormatError,
+    GraphError,
+    ParseError,
+    ShapeError,
+    UnsupportedOpError,
+)
 from automtl_compiler.frontends.prototxt import load_prototxt
 from automtl_compiler.ir.serialize import graph_tensors
-from automtl_compiler.proto import caffe_pb2
 
 FIXTURES = Path(__file__).parent / "fixtures"
 AUTOMTL = FIXTURES / "automtl_small.prototxt"

@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 from torch import fx
 
 from automtl_compiler import Graph, load_graph, save_graph, to_torch
-from automtl_compiler.errors import AutomtlError, FileFormatError, GraphError, ShapeError
+from automtl_compiler.errors import (
+    AutomtlError,
+    FileFormatError,
+    GraphError,
+    ShapeError,
+)
 from automtl_compiler.ir import REGISTRY
 
 REQUIRED_OPS = {"conv2d", "batchnorm2d", "relu", "relu6", "clip", "silu", "sigmoid", "hardswish", "hardsigmoid",

@@ -16,20 +16,11 @@ from automtl_compiler.errors import AutomtlError, FileFormatError
 from automtl_compiler.nn.heads import ASPPHead, ClassificationHead
 from automtl_compiler.nn.policy import Policy, gumbel_softmax
 from automtl_compiler.nn.supermodel import SuperModel
+from tests.helpers import randomise_bn
 
 TASKS = ("seg", "depth")
 SHAPE = (2, 3, 64, 64)
 
-
-def randomise_bn(model: nn.Module, seed: int = 1) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model
 
 
 @pytest.fixture(scope="module")

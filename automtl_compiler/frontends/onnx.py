@@ -82,7 +82,6 @@ class _Converter:
 
     def __init__(self, model: Any, path: Path, opset: int, input_shape: tuple[int, ...] | None) -> None:
         import onnx
-        from onnx import numpy_helper
 
         self.onnx = onnx
         self.model = model

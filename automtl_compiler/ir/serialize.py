@@ -39,6 +39,21 @@ def atomic_write(path: str | Path, write: Any) -> None:
             os.unlink(tmp)
 
 
+def read_json(path: str | Path, what: str, fmt: str, version: int | None = None) -> dict[str, Any]:
+    """Read one of our JSON files; a missing, malformed or foreign file is a FileFormatError naming it."""
+    path = require_file(path, what)
+    try:
+        doc = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FileFormatError(f"{path}: not valid JSON ({e}); is this a {what}?") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise FileFormatError(f"{path}: not an automtl {what} (no \"format\": \"{fmt}\")")
+    if version is not None and doc.get("version") != version:
+        raise FileFormatError(f"{path}: {what} format version {doc.get('version')} is not supported "
+                              f"(this automtl reads version {version})")
+    return doc
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
@@ -86,16 +101,8 @@ def load_graph(path: str | Path) -> Graph:
 
     A structure-only file (``tensors=False``) gets freshly initialised tensors (seed 0).
     """
-    path = require_file(path, "graph JSON file")
-    try:
-        doc = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FileFormatError(f"{path}: not a graph JSON file ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise FileFormatError(f"{path}: not an automtl graph file (no \"format\": \"{FORMAT}\")")
-    if doc.get("version") != VERSION:
-        raise FileFormatError(f"{path}: graph format version {doc.get('version')} is not supported "
-                              f"(this automtl reads version {VERSION})")
+    path = Path(path)
+    doc = read_json(path, "graph file", FORMAT, VERSION)
     wpath = None
     tensors: dict[str, torch.Tensor] = {}
     if doc.get("weights") is not None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AutomtlError, FileFormatError, require_file
-from ..ir.serialize import atomic_write
+from ..errors import AutomtlError, FileFormatError
+from ..ir.serialize import atomic_write, read_json
 from ..passes.multitask import BRANCHES
 
 FORMAT = "automtl-policy"
@@ -72,12 +72,7 @@ class Policy:
     @classmethod
     def load(cls, path: str | Path) -> Policy:
         """Read a policy JSON file; a malformed file is a FileFormatError naming it."""
-        path = require_file(path, "policy JSON file")
-        try:
-            doc = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FileFormatError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_json(doc, str(path))
+        return cls.from_json(read_json(path, "policy file", FORMAT), str(path))
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:

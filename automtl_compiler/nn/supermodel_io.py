@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import AutomtlError, FileFormatError, require_file
-from ..ir.serialize import atomic_write, load_graph, save_graph
+from ..ir.serialize import atomic_write, load_graph, read_json, save_graph
 from ..passes.multitask import insert_task_branches
 from .heads import make_head
 from .policy import Policy
@@ -48,13 +48,8 @@ def load_supermodel(directory: str | Path, heads: dict[str, nn.Module] | None = 
     from .supermodel import SuperModel
 
     directory = Path(directory)
-    meta_path = require_file(directory / "supermodel.json", "supermodel.json (is this a SuperModel directory?)")
-    try:
-        doc = json.loads(meta_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FileFormatError(f"{meta_path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise FileFormatError(f"{meta_path}: not an automtl SuperModel description")
+    meta_path = directory / "supermodel.json"
+    doc = read_json(meta_path, "SuperModel description (supermodel.json)", FORMAT, 1)
     graph = load_graph(directory / "backbone.json")
     built: dict[str, nn.Module] = {}
     for task, spec in doc["heads"].items():

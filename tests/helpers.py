@@ -1,0 +1,25 @@
+"""Model builders shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+
+def randomise_bn(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Give every batch norm non-trivial statistics and affine weights, so that it is not a no-op."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model
+
+
+def randomised(name: str) -> nn.Module:
+    """A torchvision model with random weights and non-trivial batch-norm statistics, in eval mode."""
+    torch.manual_seed(0)
+    return randomise_bn(torchvision.models.get_model(name, weights=None)).eval()
