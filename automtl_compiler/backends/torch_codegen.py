@@ -30,13 +30,15 @@ def module_name(node_name: str) -> str:
 def to_torch(graph: Graph, *, class_name: str | None = None) -> fx.GraphModule:
     """Compile ``graph`` to a GraphModule whose forward takes the graph inputs in order.
 
-    Returns a single tensor when the graph has one output, else a tuple in output order. As in torch.fx,
+    Returns a single tensor when the graph has one output, else a tuple in output order. A tensor that
+    several nodes hold (tied weights, e.g. a shared conv on two branches) becomes one Parameter. As in torch.fx,
     the module's parameters and buffers are the graph's tensors, not copies: compiling is cheap, and
     training the module updates the graph (save it afterwards to keep the trained weights). Compile
     ``graph.copy()`` for an independent module.
     """
     fxg = fx.Graph()
     modules: dict[str, nn.Module] = {}
+    tied: dict[int, nn.Parameter] = {}
     values: dict[str, fx.Node] = {}
     used: dict[str, str] = {}
     for node in graph.topological_order():
@@ -47,6 +49,11 @@ def to_torch(graph: Graph, *, class_name: str | None = None) -> fx.GraphModule:
         lowering = opdef.lower(node.attrs, node.params, node.buffers)
         args = tuple(values[i] for i in node.inputs)
         if lowering.module is not None:
+            for key, tensor in node.params.items():  # a tensor on several nodes is one Parameter (tied)
+                if id(tensor) in tied:
+                    setattr(lowering.module, key, tied[id(tensor)])
+                else:
+                    tied[id(tensor)] = getattr(lowering.module, key)
             mname = module_name(node.name)
             while mname in used and used[mname] != node.name:
                 mname += "_"

@@ -250,8 +250,9 @@ class Graph:
         return self
 
     def num_parameters(self) -> int:
-        """Learnable scalars in the graph (buffers such as batch-norm statistics excluded)."""
-        return sum(n.num_parameters() for n in self.nodes())
+        """Learnable scalars in the graph (buffers excluded); a tensor held by several nodes counts once."""
+        unique = {id(t): t for n in self.nodes() for t in n.params.values()}
+        return sum(t.numel() for t in unique.values())
 
     def node_flops(self, node: Node) -> int:
         """FLOPs (multiply-accumulates) of one node, from its op's rule."""

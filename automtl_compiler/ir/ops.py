@@ -443,6 +443,20 @@ def _concat_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
 register(OpDef(name="concat", doc="Concatenation along a dimension.", attrs={"dim": Attr("int", 1)},
                arity=(1, None), shape=_concat_shape, flops=_free, lower=_fn(AF.concat)))
 
+def _pad_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
+    x = ins[0]
+    _need_rank(x, 4, "pad")
+    left, right, top, bottom = a["pads"]
+    h, w = x[2] + top + bottom, x[3] + left + right
+    if h <= 0 or w <= 0:
+        raise ShapeError(f"pad {list(a['pads'])} crops a {x[2]}x{x[3]} map to nothing")
+    return (x[0], x[1], h, w)
+
+
+register(OpDef(name="pad", doc="Zero padding of the last two dims as (left, right, top, bottom); negative crops.",
+               attrs={"pads": Attr("ints")}, shape=_pad_shape, flops=_free,
+               lower=lambda a, p, b: Lowering(function=F.pad, kwargs={"pad": a["pads"]})))
+
 # ---------------------------------------------------------------- reshaping and dense
 
 

@@ -66,12 +66,31 @@ def weights_path(json_path: str | Path) -> Path:
 
 
 def graph_tensors(graph: Graph) -> dict[str, torch.Tensor]:
-    """All tensors of a graph keyed ``node/name`` (contiguous copies, as safetensors needs)."""
+    """All tensors of a graph keyed ``node/name`` (contiguous copies, as safetensors needs).
+
+    A tensor held by several nodes (tied weights) appears once, under its first holder's key.
+    """
     out: dict[str, torch.Tensor] = {}
-    for node in graph.nodes():
+    seen: set[int] = set()
+    for node in graph.topological_order():
         for key, t in {**node.params, **node.buffers}.items():
-            out[f"{node.name}/{key}"] = t.detach().cpu().contiguous().clone()
+            if id(t) not in seen:
+                seen.add(id(t))
+                out[f"{node.name}/{key}"] = t.detach().cpu().contiguous().clone()
     return out
+
+
+def tied_keys(graph: Graph) -> dict[str, dict[str, str]]:
+    """node -> {tensor name: key of the first holder} for tensors held by more than one node."""
+    first: dict[int, str] = {}
+    ties: dict[str, dict[str, str]] = {}
+    for node in graph.topological_order():
+        for key, t in {**node.params, **node.buffers}.items():
+            if id(t) in first:
+                ties.setdefault(node.name, {})[key] = first[id(t)]
+            else:
+                first[id(t)] = f"{node.name}/{key}"
+    return ties
 
 
 def save_graph(graph: Graph, path: str | Path, *, tensors: bool = True) -> Path:
@@ -80,13 +99,15 @@ def save_graph(graph: Graph, path: str | Path, *, tensors: bool = True) -> Path:
     With ``tensors=False`` only the structure is written (the caller stores the weights elsewhere).
     """
     path = Path(path)
+    ties = tied_keys(graph)
     doc = {
         "format": FORMAT, "version": VERSION, "name": graph.name, "outputs": graph.outputs,
         "weights": weights_path(path).name if tensors else None,
         "nodes": [{"name": n.name, "op": n.op, "inputs": n.inputs,
                    "attrs": {k: _jsonable(v) for k, v in n.attrs.items()},
                    "params": sorted(n.params), "buffers": sorted(n.buffers),
-                   "shape": list(n.shape) if n.shape is not None else None, "source": n.source}
+                   "shape": list(n.shape) if n.shape is not None else None, "source": n.source,
+                   **({"tied": ties[n.name]} if n.name in ties else {})}
                   for n in graph.topological_order()],
     }
     if tensors:
@@ -116,13 +137,16 @@ def load_graph(path: str | Path) -> Graph:
         for rec in doc["nodes"]:
             name = rec["name"]
 
+            tied = rec.get("tied", {})
+
             def take(keys: list[str]) -> dict[str, torch.Tensor]:
                 if wpath is None:
                     return {}
-                missing = [k for k in keys if f"{name}/{k}" not in tensors]
+                where = {k: tied.get(k, f"{name}/{k}") for k in keys}
+                missing = [k for k, key in where.items() if key not in tensors]
                 if missing:
                     raise FileFormatError(f"{wpath}: no tensor(s) {missing} for node '{name}'")
-                return {k: tensors[f"{name}/{k}"] for k in keys}
+                return {k: tensors[key] for k, key in where.items()}
 
             graph.add_node(name, rec["op"], rec["inputs"], rec["attrs"], params=take(rec["params"]),
                            buffers=take(rec["buffers"]), shape=rec["shape"], source=rec.get("source"),

@@ -60,6 +60,35 @@ class ClassificationHead(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+def apply_head(head: nn.Module, feature: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Run ``head`` on ``feature``; heads that upsample to the input get the input's spatial size."""
+    if getattr(head, "upsample_to_input", False):
+        return head(feature, input_size=x.shape[-2:])
+    return head(feature)
+
+
+def head_spec(head: nn.Module) -> dict:
+    """The JSON spec of a head: its constructor arguments for built-in heads, its class for custom ones."""
+    spec = getattr(head, "spec", None)
+    return dict(spec) if spec else {"type": "custom", "class": f"{type(head).__module__}.{type(head).__qualname__}"}
+
+
+def build_heads(specs: dict[str, dict], given: dict[str, nn.Module] | None, where: str) -> dict[str, nn.Module]:
+    """Heads from their specs; ``given`` overrides by task and must supply every custom head."""
+    from ..errors import AutomtlError
+
+    heads: dict[str, nn.Module] = {}
+    for task, spec in specs.items():
+        if given and task in given:
+            heads[task] = given[task]
+        elif spec.get("type") == "custom":
+            raise AutomtlError(f"{where}: task '{task}' has a custom head ({spec.get('class')}); pass it as "
+                               f"heads={{'{task}': module}} to load")
+        else:
+            heads[task] = make_head(spec)
+    return heads
+
+
 def make_head(spec: dict) -> nn.Module:
     """Build a head from its JSON spec (``{"type": "aspp" | "cls", ...constructor arguments}``)."""
     from ..errors import AutomtlError

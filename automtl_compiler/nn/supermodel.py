@@ -23,6 +23,7 @@ from ..backends.torch_codegen import module_name
 from ..errors import AutomtlError
 from ..ir.ops import get_op
 from ..passes.multitask import BRANCHES, MultiTaskGraph, SkipSpec, Unit
+from .heads import apply_head
 from .policy import Policy, gumbel_softmax
 
 MODES = ("hard", "soft", "fixed", "pretrain")
@@ -201,13 +202,7 @@ class SuperModel(nn.Module):
             feats = self._compiled_for(("plan", self._plan(mode, tasks, policy)))(x)
         else:
             raise AutomtlError(f"unknown mode '{mode}'; use one of {MODES}")
-        return {t: self._head(t, f, x) for t, f in zip(tasks, feats)}
-
-    def _head(self, task: str, feature: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        head = self.heads[task]
-        if getattr(head, "upsample_to_input", False):
-            return head(feature, input_size=x.shape[-2:])
-        return head(feature)
+        return {t: apply_head(self.heads[t], f, x) for t, f in zip(tasks, feats)}
 
     def _check_task(self, task: str) -> None:
         if task not in self.heads:

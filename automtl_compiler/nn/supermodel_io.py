@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import AutomtlError, FileFormatError, require_file
 from ..ir.serialize import atomic_write, load_graph, read_json, save_graph
 from ..passes.multitask import insert_task_branches
-from .heads import make_head
+from .heads import build_heads, head_spec
 from .policy import Policy
 
 if TYPE_CHECKING:
@@ -32,15 +32,32 @@ def save_supermodel(model: SuperModel, directory: str | Path) -> Path:
     if directory.exists() and not directory.is_dir():
         raise AutomtlError(f"{directory} exists and is not a directory; choose another output path")
     directory.mkdir(parents=True, exist_ok=True)
-    heads = {t: dict(getattr(h, "spec", None) or {"type": "custom", "class": f"{type(h).__module__}.{type(h).__qualname__}"})
-             for t, h in model.heads.items()}
+    heads = {t: head_spec(h) for t, h in model.heads.items()}
     doc = {"format": FORMAT, "version": 1, "tasks": model.tasks, "feature_node": model.mt.feature_node,
            "heads": heads, "fixed_policy": model.fixed_policy.to_json() if model.fixed_policy else None}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(directory / "weights.safetensors", lambda tmp: save_file(state, str(tmp)))
+    save_state(model, directory / "weights.safetensors")
     save_graph(model.mt.graph, directory / "backbone.json", tensors=False)
     atomic_write(directory / "supermodel.json", lambda tmp: tmp.write_text(json.dumps(doc, indent=1)))
     return directory
+
+
+def save_state(module: nn.Module, path: Path) -> None:
+    """Write ``module.state_dict()`` to a safetensors file (atomically)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def load_state(module: nn.Module, path: Path) -> None:
+    """Load a safetensors state dict into ``module``; a corrupt or mismatched file is a FileFormatError."""
+    wpath = require_file(path, path.name)
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FileFormatError(f"{wpath}: corrupt safetensors file ({e})") from None
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise FileFormatError(f"{wpath}: weights do not match the model (missing {result.missing_keys[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]})")
 
 
 def load_supermodel(directory: str | Path, heads: dict[str, nn.Module] | None = None) -> SuperModel:
@@ -51,25 +68,9 @@ def load_supermodel(directory: str | Path, heads: dict[str, nn.Module] | None = 
     meta_path = directory / "supermodel.json"
     doc = read_json(meta_path, "SuperModel description (supermodel.json)", FORMAT, 1)
     graph = load_graph(directory / "backbone.json")
-    built: dict[str, nn.Module] = {}
-    for task, spec in doc["heads"].items():
-        if heads and task in heads:
-            built[task] = heads[task]
-        elif spec.get("type") == "custom":
-            raise AutomtlError(f"{meta_path}: task '{task}' has a custom head ({spec.get('class')}); pass it as "
-                               f"heads={{'{task}': module}} to load")
-        else:
-            built[task] = make_head(spec)
+    built = build_heads(doc["heads"], heads, str(meta_path))
     model = SuperModel(insert_task_branches(graph, list(doc["tasks"])), built)
-    wpath = require_file(directory / "weights.safetensors", "weights.safetensors")
-    try:
-        state = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FileFormatError(f"{wpath}: corrupt safetensors file ({e})") from None
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise FileFormatError(f"{wpath}: weights do not match the model (missing {result.missing_keys[:5]}, "
-                              f"unexpected {result.unexpected_keys[:5]})")
+    load_state(model, directory / "weights.safetensors")
     if doc.get("fixed_policy"):
         model.set_policy(Policy.from_json(doc["fixed_policy"], str(meta_path)))
     return model
