@@ -17,6 +17,7 @@ from torch import fx, nn
 from ..backends.torch_codegen import module_name, to_torch
 from ..errors import AutomtlError
 from ..ir.graph import Graph
+from ..passes.fold_bn import fold_batchnorm
 from ..passes.prune import prune_graph
 from .heads import apply_head
 from .policy import Policy
@@ -34,8 +35,12 @@ def _module_tensors(module: nn.Module, memo: dict[int, torch.Tensor]) -> tuple[d
     return params, buffers
 
 
-def prune(supermodel: SuperModel, policy: Policy) -> CompactModel:
-    """Prune ``supermodel`` to the discrete ``policy``; the result owns copies of the weights it keeps."""
+def prune(supermodel: SuperModel, policy: Policy, *, fold_bn: bool = False) -> CompactModel:
+    """Prune ``supermodel`` to the discrete ``policy``; the result owns copies of the weights it keeps.
+
+    ``fold_bn`` folds every conv + batch norm into one conv (inference only: the model then has no
+    batch-norm statistics to update).
+    """
     policy.check(supermodel.tasks, supermodel.unit_names)
     memo: dict[int, torch.Tensor] = {}
 
@@ -52,6 +57,8 @@ def prune(supermodel: SuperModel, policy: Policy) -> CompactModel:
         return {}, {}
 
     graph = prune_graph(supermodel.mt, policy.choices, tensors)
+    if fold_bn:
+        graph = fold_batchnorm(graph)
     heads = {t: copy.deepcopy(supermodel.heads[t]) for t in supermodel.tasks}
     counts = supermodel.parameter_counts()
     trunk_params = supermodel.mt.graph.num_parameters()
