@@ -1,0 +1,350 @@
+"""AutoMTL's three training stages over a compiled SuperModel, with checkpoints that survive a kill.
+
+Stages: pre-train (mean of branches), policy-train (alternating network and policy steps with the
+policy regulariser and a decaying Gumbel temperature), sample (a discrete policy), post-train (fixed
+policy). Every random choice of a step - its batch, its Gumbel noise, dropout - is drawn from generators
+seeded by (seed, stage, step), so a run resumed from a checkpoint repeats the uninterrupted run exactly
+(on the CPU with deterministic algorithms).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..build import build_supermodel
+from ..errors import AutomtlError
+from ..ir.serialize import atomic_write
+from ..nn.heads import make_head
+from ..nn.policy import Policy
+from ..nn.supermodel import SuperModel
+from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .config import dump_config
+from .schedulers import create as create_scheduler
+
+STAGES = ("pretrain", "policy", "sample", "posttrain")
+
+
+def step_seed(seed: int, stage: str, step: int) -> int:
+    """A seed for one step of one stage, independent of how the run got there."""
+    return (seed * 1_000_003 + STAGES.index(stage) * 7_919_317 + step) % (2**63 - 1)
+
+
+def collate(samples: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stack (image, targets) samples into a batch."""
+    images = torch.stack([s[0] for s in samples])
+    targets = {k: torch.stack([torch.as_tensor(s[1][k]) for s in samples]) for k in samples[0][1]}
+    return images, targets
+
+
+class Batches:
+    """Deterministic batches: batch ``step`` of a stage is a function of (seed, stage, step) only."""
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, stage: str) -> None:
+        if len(dataset) == 0:
+            raise AutomtlError(f"the {stage} data split is empty")
+        self.dataset, self.batch_size, self.seed, self.stage = dataset, batch_size, seed, stage
+
+    def batch(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = len(self.dataset)
+        per_epoch = max(1, n // self.batch_size)
+        epoch, pos = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(self.seed, self.stage, epoch)))
+        idx = order[pos * self.batch_size:(pos + 1) * self.batch_size].tolist()
+        if len(idx) < self.batch_size:
+            idx += order[:self.batch_size - len(idx)].tolist()
+        return collate([self.dataset[i] for i in idx])
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is CUDA when a GPU is usable, else the CPU; ``cuda`` without a GPU is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AutomtlError("device: cuda was asked for but no CUDA GPU is usable here; use device: cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Progress:
+    """A progress bar on a terminal (tqdm), plain log lines otherwise."""
+
+    def __init__(self, stage: str, total: int, start: int, enabled: bool = True) -> None:
+        self.stage, self.total, self.enabled = stage, total, enabled
+        self.bar = None
+        self.last = time.monotonic()
+        self.count = start
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=stage, leave=True, dynamic_ncols=True)
+
+    def update(self, info: dict[str, float]) -> None:
+        self.count += 1
+        text = {k: f"{v:.4g}" for k, v in info.items()}
+        if self.bar is not None:
+            self.bar.set_postfix(text, refresh=False)
+            self.bar.update(1)
+        elif self.enabled and (time.monotonic() - self.last > 5 or self.count == self.total):
+            self.last = time.monotonic()
+            print(f"[{self.stage}] {self.count}/{self.total} " + " ".join(f"{k}={v}" for k, v in text.items()),
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Trainer:
+    """Runs the stages of one config into a run directory (``RUN_DIR``)."""
+
+    def __init__(self, cfg: dict[str, Any], out: str | Path, *, datasets: dict[str, Any], task_types: dict[str, Any],
+                 progress: bool = True) -> None:
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.datasets, self.task_types = datasets, task_types
+        self.tasks = list(cfg["tasks"])
+        self.device = pick_device(cfg["device"])
+        self.scheduler = create_scheduler(cfg["scheduler"]["name"], tasks=self.tasks,
+                                          **{k: v for k, v in cfg["scheduler"].items() if k != "name"}
+                                          | ({"weights": {t: cfg["tasks"][t]["weight"] for t in self.tasks}}
+                                             if cfg["scheduler"]["name"] == "sum" and "weights" not in cfg["scheduler"]
+                                             else {}))
+        self.model = self._build().to(self.device)
+        self.state: dict[str, Any] = {"stage": "pretrain", "step": 0, "tau": cfg["stages"]["policy"]["tau"],
+                                      "policy_steps": 0, "policy": None, "done": False}
+
+    # ------------------------------------------------------------ construction
+    def _build(self) -> SuperModel:
+        h, w = self.cfg["input_size"]
+        from ..frontends import load_backbone
+
+        graph = load_backbone(self.cfg["backbone"], input_shape=(1, 3, h, w))
+        from ..passes.feature import find_feature_node
+
+        feature = self.cfg["feature_node"] or find_feature_node(graph)
+        channels = graph.node(feature).shape[1]
+        heads = {}
+        for t in self.tasks:
+            spec = self.cfg["tasks"][t]
+            out = spec.get("channels") or self.task_types[t].out_channels
+            if not out:
+                raise AutomtlError(f"config: 'tasks.{t}.channels' is needed (the dataset does not say how many "
+                                   "outputs this task has)")
+            kind = {"type": spec["head"], "in_channels": channels, "num_classes": out}
+            if spec["head"] == "aspp":
+                kind["hidden"] = spec["hidden"]
+            heads[t] = make_head(kind)
+        return build_supermodel(graph, heads, feature_node=feature)
+
+    # ------------------------------------------------------------ losses and evaluation
+    def losses(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {t: self.task_types[t].loss(outputs[t], targets[t].to(self.device)) for t in self.tasks}
+
+    def check_finite(self, losses: dict[str, torch.Tensor], stage: str, step: int) -> None:
+        for t, v in losses.items():
+            if not torch.isfinite(v):
+                raise AutomtlError(f"the {t} loss is {v.item()} at {stage} step {step}; the run stopped and its last "
+                                   f"checkpoint in {self.out / 'checkpoints'} is intact. Lower the learning rate "
+                                   "or check the data")
+
+    @torch.no_grad()
+    def evaluate(self, mode: str, policy: Policy | None = None) -> dict[str, dict[str, float]]:
+        """Per-task metrics on the validation split (hard or fixed mode, no gradients)."""
+        self.model.eval()
+        metrics = {t: self.task_types[t].new_metric() for t in self.tasks}
+        val = Batches(self.datasets["val"], self.cfg["batch_size"], self.cfg["seed"], "sample")
+        for i in range(self.cfg["eval_batches"]):
+            x, targets = val.batch(i)
+            outs = self.model.forward_all(x.to(self.device), mode=mode, policy=policy)
+            for t in self.tasks:
+                metrics[t].update(outs[t].float(), targets[t].to(self.device))
+        self.model.train()
+        return {t: m.compute() for t, m in metrics.items()}
+
+    def log_metrics(self, stage: str, step: int, metrics: dict[str, dict[str, float]]) -> None:
+        line = json.dumps({"stage": stage, "step": step, "metrics": metrics})
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(line + "\n")
+
+    # ------------------------------------------------------------ stages
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) every stage and write the report; returns the report."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        stages = self.cfg["stages"]
+        self.opts = {
+            "pretrain": torch.optim.Adam(self.model.network_parameters(), lr=stages["pretrain"]["lr"],
+                                         betas=tuple(stages["pretrain"]["betas"]),
+                                         weight_decay=stages["pretrain"]["weight_decay"]),
+            "network": torch.optim.SGD(self.model.network_parameters(), lr=stages["policy"]["network_lr"],
+                                       momentum=stages["policy"]["momentum"],
+                                       weight_decay=stages["policy"]["network_weight_decay"]),
+            "policy": torch.optim.Adam(self.model.policy_parameters(), lr=stages["policy"]["policy_lr"],
+                                       weight_decay=stages["policy"]["policy_weight_decay"]),
+            "posttrain": torch.optim.Adam(self.model.network_parameters(), lr=stages["posttrain"]["lr"],
+                                          betas=tuple(stages["posttrain"]["betas"]),
+                                          weight_decay=stages["posttrain"]["weight_decay"]),
+        }
+        self.scheds = {"posttrain": torch.optim.lr_scheduler.StepLR(self.opts["posttrain"],
+                                                                    stages["posttrain"]["step_size"],
+                                                                    stages["posttrain"]["gamma"])}
+        ckpt = self.out / "checkpoints"
+        if has_checkpoint(ckpt):
+            self.state = load_checkpoint(ckpt, self.model, self.opts, self.scheds)
+            if self.state.get("policy"):
+                self.model.set_policy(Policy.from_json(self.state["policy"]))
+        self.model.train()
+        if not self.state["done"]:
+            for stage in STAGES[STAGES.index(self.state["stage"]):]:
+                self.state["stage"] = stage
+                getattr(self, f"_stage_{stage}")()
+                self.state.update({"step": 0})
+            self.state["done"] = True
+            self.checkpoint()
+        return self.report()
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.out / "checkpoints", self.model, self.opts, self.scheds, self.state)
+
+    def _loop(self, stage: str, iters: int, body: Callable[[int], dict[str, float]]) -> None:
+        bar = Progress(stage, iters, self.state["step"], self.progress)
+        every, eval_every = self.cfg["checkpoint_every"], self.cfg["eval_every"]
+        try:
+            while self.state["step"] < iters:
+                step = self.state["step"]
+                torch.manual_seed(step_seed(self.cfg["seed"], stage, step))  # dropout and any other global draw
+                info = body(step)
+                self.state["step"] = step + 1
+                bar.update(info)
+                if eval_every and (step + 1) % eval_every == 0 and stage != "policy":
+                    self.log_metrics(stage, step + 1, self.evaluate(*self._eval_mode()))
+                if every and (step + 1) % every == 0:
+                    self.checkpoint()
+        finally:
+            bar.close()
+        self.checkpoint()
+
+    def _eval_mode(self) -> tuple[str, Policy | None]:
+        policy = self.model.fixed_policy
+        return ("fixed", policy) if policy is not None else ("hard", None)
+
+    def _train_step(self, batches: Batches, step: int, opt: torch.optim.Optimizer, mode: str, stage: str,
+                    extra: Callable[[], torch.Tensor] | None = None, tau: float = 1.0) -> dict[str, float]:
+        x, targets = batches.batch(step)
+        gen = torch.Generator().manual_seed(step_seed(self.cfg["seed"], stage, step))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg["bf16"]):
+            outs = self.model.forward_all(x.to(self.device), mode=mode, tau=tau, generator=gen)
+        losses = self.losses({t: o.float() for t, o in outs.items()}, targets)
+        self.check_finite(losses, stage, step)
+        opt.zero_grad(set_to_none=True)
+        self.scheduler.backward(losses)
+        if extra is not None:
+            extra().backward()
+        opt.step()
+        return {t: float(v) for t, v in losses.items()}
+
+    def _stage_pretrain(self) -> None:
+        batches = Batches(self.datasets["train"], self.cfg["batch_size"], self.cfg["seed"], "pretrain")
+        self._loop("pretrain", self.cfg["stages"]["pretrain"]["iters"],
+                   lambda step: self._train_step(batches, step, self.opts["pretrain"], "pretrain", "pretrain"))
+
+    def _stage_policy(self) -> None:
+        s = self.cfg["stages"]["policy"]
+        train = Batches(self.datasets["train"], self.cfg["batch_size"], self.cfg["seed"], "policy")
+        held = Batches(self.datasets["policy"], self.cfg["batch_size"], self.cfg["seed"] + 1, "policy")
+        cycle = s["network_steps"] + s["policy_steps"]
+
+        def body(step: int) -> dict[str, float]:
+            tau = self.state["tau"]
+            if step % cycle < s["network_steps"] or s["policy_steps"] == 0:
+                return self._train_step(train, step, self.opts["network"], "soft", "policy", tau=tau) | {"tau": tau}
+            gen = torch.Generator().manual_seed(step_seed(self.cfg["seed"], "sample", step))
+            reg = lambda: s["reg_weight"] * sum(self.model.policy_regulariser(t, tau=tau, generator=gen)  # noqa: E731
+                                                for t in self.tasks)
+            network = self.model.network_parameters()
+            for p in network:  # a policy step needs no weight gradients: skip computing them
+                p.requires_grad_(False)
+            try:
+                info = self._train_step(held, step, self.opts["policy"], "soft", "policy", extra=reg, tau=tau)
+            finally:
+                for p in network:
+                    p.requires_grad_(True)
+            self.state["policy_steps"] += 1
+            if self.state["policy_steps"] % s["tau_every"] == 0:
+                self.state["tau"] = tau * s["tau_decay"]
+            return info | {"tau": tau}
+
+        self._loop("policy", s["iters"], body)
+
+    def _stage_sample(self) -> None:
+        s = self.cfg["stages"]["sample"]
+        best: tuple[float, Policy] | None = None
+        for k in range(max(1, s["candidates"])):
+            policy = self.model.sample_policy(s["strategy"], seed=s["seed"] + k)
+            for u in self.model.unit_names[:s["share_first"]]:
+                for t in self.tasks:
+                    policy.choices[t][u] = "share"
+            if s["candidates"] <= 1:
+                best = (0.0, policy)
+                break
+            score = self._score(self.evaluate("fixed", policy))
+            if best is None or score > best[0]:
+                best = (score, policy)
+        assert best is not None
+        self.model.set_policy(best[1])
+        self.state["policy"] = best[1].to_json()
+        best[1].save(self.out / "policy.json")
+        self.checkpoint()
+
+    def _score(self, metrics: dict[str, dict[str, float]]) -> float:
+        """Mean over tasks and metrics of signed metric values (higher is better), to rank candidates."""
+        total, count = 0.0, 0
+        for t, values in metrics.items():
+            directions = self.task_types[t].metric_directions
+            for k, v in values.items():
+                total += v if directions.get(k, True) else -v
+                count += 1
+        return total / max(1, count)
+
+    def _stage_posttrain(self) -> None:
+        s = self.cfg["stages"]["posttrain"]
+        if s["init"] == "fresh" and self.state["step"] == 0:
+            policy = self.model.fixed_policy
+            fresh = self._build().to(self.device)
+            self.model.load_state_dict(fresh.state_dict())
+            if policy is not None:
+                self.model.set_policy(policy)
+        batches = Batches(self.datasets["train"], self.cfg["batch_size"], self.cfg["seed"], "posttrain")
+
+        def body(step: int) -> dict[str, float]:
+            info = self._train_step(batches, step, self.opts["posttrain"], "fixed", "posttrain")
+            self.scheds["posttrain"].step()
+            return info
+
+        self._loop("posttrain", s["iters"], body)
+
+    # ------------------------------------------------------------ report
+    def report(self) -> dict[str, Any]:
+        """Final metrics, parameters and policy; written to report.json and drawn to policy.png."""
+        from ..nn.compact import prune
+        from .heatmap import draw_policy
+
+        policy = self.model.fixed_policy or self.model.sample_policy("argmax")
+        metrics = self.evaluate("fixed", policy)
+        compact = prune(self.model, policy)
+        report = {"tasks": metrics, "policy": policy.counts(),
+                  "parameters": {"compact": compact.num_parameters(), **compact.reference}}
+        if self.cfg["baselines"]:
+            from ..tasks import delta_m
+
+            single = json.loads(Path(self.cfg["baselines"]).read_text())["tasks"]
+            directions = {t: self.task_types[t].metric_directions for t in self.tasks}
+            report["delta_m"] = delta_m(metrics, single, directions)
+        text = json.dumps(report, indent=1)
+        atomic_write(self.out / "report.json", lambda tmp: tmp.write_text(text))
+        draw_policy(self.model.policy_distribution(), self.out / "policy.png")
+        return report
