@@ -58,7 +58,8 @@ class Batches:
         idx = order[pos * self.batch_size:(pos + 1) * self.batch_size].tolist()
         if len(idx) < self.batch_size:
             idx += order[:self.batch_size - len(idx)].tolist()
-        return collate([self.dataset[i] for i in idx])
+        many = getattr(self.dataset, "__getitems__", None)
+        return collate(many(idx) if many is not None else [self.dataset[i] for i in idx])
 
 
 def pick_device(name: str) -> torch.device:
@@ -119,6 +120,7 @@ class Trainer:
 
     # ------------------------------------------------------------ construction
     def _build(self) -> SuperModel:
+        torch.manual_seed(self.cfg["seed"])  # random-init backbones and heads are the same every time
         h, w = self.cfg["input_size"]
         from ..frontends import load_backbone
 
@@ -207,8 +209,14 @@ class Trainer:
             self.checkpoint()
         return self.report()
 
+    STAGE_OPTIMIZERS = {"pretrain": ("pretrain",), "policy": ("network", "policy"), "sample": (),
+                        "posttrain": ("posttrain",)}
+
     def checkpoint(self) -> None:
-        save_checkpoint(self.out / "checkpoints", self.model, self.opts, self.scheds, self.state)
+        """Save the model and the current stage's optimisers (earlier stages' moments are never used again)."""
+        live = {k: self.opts[k] for k in self.STAGE_OPTIMIZERS[self.state["stage"]]}
+        scheds = self.scheds if self.state["stage"] == "posttrain" else {}
+        save_checkpoint(self.out / "checkpoints", self.model, live, scheds, self.state)
 
     def _loop(self, stage: str, iters: int, body: Callable[[int], dict[str, float]]) -> None:
         bar = Progress(stage, iters, self.state["step"], self.progress)
@@ -245,7 +253,7 @@ class Trainer:
         if extra is not None:
             extra().backward()
         opt.step()
-        return {t: float(v) for t, v in losses.items()}
+        return {t: float(v.detach()) for t, v in losses.items()}
 
     def _stage_pretrain(self) -> None:
         batches = Batches(self.datasets["train"], self.cfg["batch_size"], self.cfg["seed"], "pretrain")

@@ -1,0 +1,90 @@
+"""``train``: config -> datasets, task types, Trainer -> run directory (the CLI calls this)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import AutomtlError
+from .config import dump_config, load_config
+from .trainer import Trainer
+
+SPLITS = ("train", "policy", "val")  # the synthetic scenes' splits, disjoint by construction
+
+
+def make_datasets(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The train, policy and validation splits named by the config (the policy split never overlaps train).
+
+    The synthetic scenes have a policy split of their own; for a real dataset every fifth training sample
+    is held out for the policy steps (as AdaShare/AutoMTL train the policy on a separate part of train).
+    """
+    from torch.utils.data import Subset
+
+    from ..data import get_dataset
+
+    d = cfg["dataset"]
+    options = dict(d.get("options") or {})
+    if d["name"] == "synthetic":
+        options.setdefault("resolution", tuple(cfg["input_size"]))
+        options.setdefault("cache", True)
+        return {split: get_dataset(d["name"], split=split, **options) for split in SPLITS}
+    train = get_dataset(d["name"], root=d.get("root"), split="train", **options)
+    val = get_dataset(d["name"], root=d.get("root"), split="val", **options)
+    held = [i for i in range(len(train)) if i % 5 == 4]
+    rest = [i for i in range(len(train)) if i % 5 != 4]
+    subset_train, subset_policy = Subset(train, rest), Subset(train, held)
+    for part in (subset_train, subset_policy):
+        part.num_classes = getattr(train, "num_classes", None)  # type: ignore[attr-defined]
+    return {"train": subset_train, "policy": subset_policy, "val": val}
+
+
+def make_task_types(cfg: dict[str, Any], dataset: Any) -> dict[str, Any]:
+    """Task types (criterion + metric) for the config's tasks; class counts come from the dataset."""
+    from ..tasks import get_task
+
+    types = {}
+    for name, spec in cfg["tasks"].items():
+        options = dict(spec.get("options") or {})
+        if name in ("segment_semantic", "classification") and "num_classes" not in options:
+            classes = getattr(dataset, "num_classes", None)
+            classes = classes.get(name) if isinstance(classes, dict) else classes
+            if classes:
+                options["num_classes"] = classes
+        types[name] = get_task(name, **options)
+    return types
+
+
+def prepare_run_dir(out: Path, cfg: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
+    """Decide what to do with ``out``; returns True when an earlier run of the same config is resumed.
+
+    A run directory is only reused by the same config (then the run resumes) or when ``overwrite`` is
+    given; anything else is an error, so no run is ever overwritten by accident.
+    """
+    saved = out / "config.yaml"
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if not out.exists() or not any(out.iterdir()):
+        if resume:
+            raise AutomtlError(f"{out}: nothing to resume (no run there); drop --resume to start a new run")
+        return False
+    if not saved.exists():
+        raise AutomtlError(f"{out} exists and is not a run directory; choose another --out or pass --overwrite")
+    if yaml.safe_load(saved.read_text()) != yaml.safe_load(dump_config(cfg)):
+        raise AutomtlError(f"{out} holds a run with a different config; pass --overwrite to replace it, or choose "
+                           "another --out")
+    return True
+
+
+def train(config: str | Path | None, overrides: list[str], out: str | Path, *, resume: bool = False,
+          overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run the three stages for ``config`` into ``out`` (resuming a killed run of the same config)."""
+    cfg = load_config(config, overrides)
+    out = Path(out)
+    prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
+    datasets = make_datasets(cfg)
+    trainer = Trainer(cfg, out, datasets=datasets, task_types=make_task_types(cfg, datasets["train"]),
+                      progress=progress)
+    return trainer.run()

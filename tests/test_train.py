@@ -1,0 +1,126 @@
+"""Training: config validation, a full tiny run, exact resume after SIGKILL, run-directory safety, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from automtl_compiler.errors import AutomtlError, FileFormatError
+from automtl_compiler.train.config import load_config
+from automtl_compiler.train.run import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["backbone=torchvision:mobilenet_v3_small", "input_size=[32, 32]", "dataset.options.length=24", "tasks.segment_semantic.hidden=8",
+        "tasks.depth_zbuffer.hidden=8", "tasks.normal.hidden=8", "batch_size=4", "eval_batches=1",
+        "stages.pretrain.iters=3", "stages.policy.iters=6", "stages.policy.network_steps=2",
+        "stages.policy.policy_steps=1", "stages.policy.tau_every=2", "stages.posttrain.iters=3",
+        "checkpoint_every=1", "eval_every=2"]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((run / "checkpoints" / "last.json").read_text())
+    assert index["state"]["done"]
+    return load_file(str(run / "checkpoints" / index["weights"]))
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(AutomtlError, match="unknown key 'stages.pretrain.itres'"):
+        load_config(None, ["stages.pretrain.itres=3"])
+    with pytest.raises(AutomtlError, match="'batch_size' must be a whole number"):
+        load_config(None, ["batch_size=many"])
+    with pytest.raises(AutomtlError, match="'stages.sample.strategy'.*sample, argmax"):
+        load_config(None, ["stages.sample.strategy=best"])
+    with pytest.raises(AutomtlError, match="KEY=VALUE"):
+        load_config(None, ["batch_size"])
+    with pytest.raises(AutomtlError, match="tasks.depth_zbuffer.head"):
+        load_config(None, ["tasks.depth_zbuffer.head=fpn"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  pretrain: {iters: [\n")
+    with pytest.raises(FileFormatError, match=r"bad.yaml:\d+:\d+"):
+        load_config(bad)
+    cfg = load_config(ROOT / "configs" / "synthetic-quick.yaml", ["stages.pretrain.iters=7", "scheduler.name=sum"])
+    assert cfg["stages"]["pretrain"]["iters"] == 7 and cfg["stages"]["policy"]["tau"] == 5.0
+
+
+def test_tiny_run_writes_every_artifact(tmp_path):
+    report = train(ROOT / "configs" / "synthetic-quick.yaml", TINY, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "policy.json", "policy.png", "report.json", "metrics.jsonl"):
+        assert (run / name).exists(), name
+    assert set(report["tasks"]) == {"segment_semantic", "depth_zbuffer", "normal"}
+    assert all(report["tasks"][t] for t in report["tasks"])
+    assert report["parameters"]["compact"] <= report["parameters"]["supermodel_params"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {x["stage"] for x in lines} == {"pretrain", "posttrain"}
+    assert (run / "policy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_directory_is_never_overwritten_by_accident(tmp_path):
+    run = tmp_path / "run"
+    train(ROOT / "configs" / "synthetic-quick.yaml", TINY, run, progress=False)
+    before = (run / "report.json").read_text()
+    with pytest.raises(AutomtlError, match="different config.*--overwrite"):
+        train(ROOT / "configs" / "synthetic-quick.yaml", TINY + ["seed=1"], run, progress=False)
+    assert (run / "report.json").read_text() == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(AutomtlError, match="not a run directory"):
+        train(ROOT / "configs" / "synthetic-quick.yaml", TINY, tmp_path / "other", progress=False)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+SCRIPT = """
+import sys
+from automtl_compiler.train.run import train
+train(sys.argv[1], sys.argv[3:], sys.argv[2], progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_ends_with_the_same_weights(tmp_path):
+    config = str(ROOT / "configs" / "synthetic-quick.yaml")
+    args = TINY + ["stages.policy.iters=10", "stages.posttrain.iters=6"]
+    whole = tmp_path / "whole"
+    subprocess.run([sys.executable, "-c", SCRIPT, config, str(whole), *args], check=True, cwd=ROOT, timeout=600)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, config, str(killed), *args], cwd=ROOT)
+    index = killed / "checkpoints" / "last.json"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if index.exists():
+            try:
+                state = json.loads(index.read_text())["state"]
+            except (json.JSONDecodeError, KeyError):
+                state = {}
+            if state.get("stage") == "policy" and state.get("step", 0) >= 3:
+                break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not json.loads(index.read_text())["state"]["done"], "the run must be killed mid-way"
+    subprocess.run([sys.executable, "-c", SCRIPT, config, str(killed), *args], check=True, cwd=ROOT, timeout=600)
+
+    a, b = final_weights(whole), final_weights(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert json.loads((whole / "policy.json").read_text()) == json.loads((killed / "policy.json").read_text())
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(AutomtlError, match=r"loss is (nan|inf).*pretrain step \d+.*checkpoint"):
+        train(ROOT / "configs" / "synthetic-quick.yaml",
+              TINY + ["stages.pretrain.lr=1.0e+30", "stages.pretrain.iters=30"], run, progress=False)
+    index = json.loads((run / "checkpoints" / "last.json").read_text())
+    assert (run / "checkpoints" / index["weights"]).exists()
