@@ -124,3 +124,18 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
               TINY + ["stages.pretrain.lr=1.0e+30", "stages.pretrain.iters=30"], run, progress=False)
     index = json.loads((run / "checkpoints" / "last.json").read_text())
     assert (run / "checkpoints" / index["weights"]).exists()
+
+
+def test_baselines_and_delta_m(tmp_path):
+    config = ROOT / "configs" / "synthetic-quick.yaml"
+    single = train(config, TINY, tmp_path / "single", progress=False, baseline="single-task")
+    assert set(single["tasks"]) == {"segment_semantic", "depth_zbuffer", "normal"}
+    assert all((tmp_path / "single" / t / "report.json").exists() for t in single["tasks"])
+    shared = train(config, TINY, tmp_path / "shared", progress=False, baseline="all-share")
+    assert all(c["share"] == sum(c.values()) for c in shared["policy"].values())
+    report = train(config, TINY + [f"baselines={tmp_path / 'single' / 'report.json'}"], tmp_path / "mtl",
+                   progress=False)
+    assert set(report["delta_m"]["per_task"]) == set(single["tasks"])
+    assert isinstance(report["delta_m"]["delta_m"], float)
+    with pytest.raises(AutomtlError, match="unknown baseline"):
+        train(config, TINY, tmp_path / "x", baseline="ensemble")

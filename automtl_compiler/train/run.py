@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import yaml
 
 from ..errors import AutomtlError
+from ..ir.serialize import atomic_write
 from .config import dump_config, load_config
 from .trainer import Trainer
 
@@ -78,13 +81,42 @@ def prepare_run_dir(out: Path, cfg: dict[str, Any], *, resume: bool, overwrite: 
     return True
 
 
+BASELINES = ("single-task", "all-share")
+
+
 def train(config: str | Path | None, overrides: list[str], out: str | Path, *, resume: bool = False,
-          overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run the three stages for ``config`` into ``out`` (resuming a killed run of the same config)."""
+          overwrite: bool = False, progress: bool = True, baseline: str | None = None) -> dict[str, Any]:
+    """Run the three stages for ``config`` into ``out`` (resuming a killed run of the same config).
+
+    ``baseline`` trains a reference instead, with the same data and the same number of steps as all
+    stages together: ``single-task`` (one backbone + head per task, in ``out/<task>``) or ``all-share``
+    (one shared backbone with every head). Its ``report.json`` is what ``baselines:`` in a config reads
+    to compute Δm.
+    """
     cfg = load_config(config, overrides)
+    if baseline is not None and baseline not in BASELINES:
+        raise AutomtlError(f"unknown baseline '{baseline}'; use one of {', '.join(BASELINES)}")
     out = Path(out)
     prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
     datasets = make_datasets(cfg)
-    trainer = Trainer(cfg, out, datasets=datasets, task_types=make_task_types(cfg, datasets["train"]),
-                      progress=progress)
-    return trainer.run()
+    types = make_task_types(cfg, datasets["train"])
+    if baseline is None:
+        return Trainer(cfg, out, datasets=datasets, task_types=types, progress=progress).run()
+    budget = copy.deepcopy(cfg)
+    budget["stages"]["posttrain"]["iters"] = sum(cfg["stages"][s]["iters"] for s in ("pretrain", "policy", "posttrain"))
+    budget["baselines"] = None
+    if baseline == "all-share":
+        return Trainer(budget, out, datasets=datasets, task_types=types, progress=progress, baseline=True).run()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    reports = {}
+    for task in cfg["tasks"]:
+        one = copy.deepcopy(budget)
+        one["tasks"] = {task: cfg["tasks"][task]}
+        reports[task] = Trainer(one, out / task, datasets=datasets, task_types={task: types[task]},
+                                progress=progress, baseline=True).run()
+    merged = {"tasks": {t: r["tasks"][t] for t, r in reports.items()},
+              "parameters": {"single_task_total": sum(r["parameters"]["compact"] for r in reports.values())}}
+    text = json.dumps(merged, indent=1)
+    atomic_write(out / "report.json", lambda tmp: tmp.write_text(text))
+    return merged

@@ -100,11 +100,24 @@ class Progress:
             self.bar.close()
 
 
+def read_baseline(path: Path, tasks: list[str]) -> dict[str, dict[str, float]]:
+    """Per-task metrics of a baseline run's report.json (``automtl train --baseline ...``)."""
+    try:
+        single = json.loads(path.read_text())["tasks"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AutomtlError(f"baselines: {path} is not a baseline report.json ({e}); train one with "
+                           "`automtl train CONFIG --baseline single-task`") from None
+    missing = sorted(set(tasks) - set(single))
+    if missing:
+        raise AutomtlError(f"baselines: {path} has no metrics for task(s) {missing}")
+    return single
+
+
 class Trainer:
     """Runs the stages of one config into a run directory (``RUN_DIR``)."""
 
     def __init__(self, cfg: dict[str, Any], out: str | Path, *, datasets: dict[str, Any], task_types: dict[str, Any],
-                 progress: bool = True) -> None:
+                 progress: bool = True, baseline: bool = False) -> None:
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.datasets, self.task_types = datasets, task_types
         self.tasks = list(cfg["tasks"])
@@ -114,9 +127,15 @@ class Trainer:
                                           | ({"weights": {t: cfg["tasks"][t]["weight"] for t in self.tasks}}
                                              if cfg["scheduler"]["name"] == "sum" and "weights" not in cfg["scheduler"]
                                              else {}))
+        if cfg["baselines"]:
+            read_baseline(Path(cfg["baselines"]), self.tasks)  # fail now, not after training
         self.model = self._build().to(self.device)
         self.state: dict[str, Any] = {"stage": "pretrain", "step": 0, "tau": cfg["stages"]["policy"]["tau"],
                                       "policy_steps": 0, "policy": None, "done": False}
+        if baseline:  # a reference: every unit shared, trained with post-train settings for the whole budget
+            share = Policy({t: {u: "share" for u in self.model.unit_names} for t in self.tasks})
+            self.model.set_policy(share)
+            self.state.update({"stage": "posttrain", "policy": share.to_json()})
 
     # ------------------------------------------------------------ construction
     def _build(self) -> SuperModel:
@@ -349,9 +368,11 @@ class Trainer:
         if self.cfg["baselines"]:
             from ..tasks import delta_m
 
-            single = json.loads(Path(self.cfg["baselines"]).read_text())["tasks"]
+            single = read_baseline(Path(self.cfg["baselines"]), self.tasks)
+            usable = {t: {k: v for k, v in single[t].items() if v != 0} for t in self.tasks}
             directions = {t: self.task_types[t].metric_directions for t in self.tasks}
-            report["delta_m"] = delta_m(metrics, single, directions)
+            report["delta_m"] = delta_m(metrics, usable, directions)
+            report["delta_m"]["skipped"] = sorted(f"{t}/{k}" for t in self.tasks for k, v in single[t].items() if v == 0)
         text = json.dumps(report, indent=1)
         atomic_write(self.out / "report.json", lambda tmp: tmp.write_text(text))
         draw_policy(self.model.policy_distribution(), self.out / "policy.png")
