@@ -192,5 +192,168 @@ def compile_(backbone: str, tasks: tuple[str, ...], head: str, head_hidden: int,
     click.echo(f"wrote {out}")
 
 
+# ---------------------------------------------------------------------------------------------- deployment
+
+def _write_directory(out: Path, save: Any) -> None:
+    """Call ``save(tmp_dir)`` in a fresh sibling directory, then move the result to ``out``.
+
+    A failure leaves ``out`` as it was; an existing ``out`` directory gets the new files (each replaced
+    atomically) and keeps any others.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise AutomtlError(f"{out} exists and is not a directory; choose another output path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save(tmp)
+        if out.exists():
+            for item in tmp.iterdir():
+                os.replace(item, out / item.name)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the directory owner-only
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@main.command()
+@click.argument("supermodel", metavar="SUPERMODEL_DIR")
+@click.option("--strategy", type=click.Choice(["sample", "argmax"]), default="sample", show_default=True,
+              help="Draw each unit's branch from softmax(logits), or take the most likely one.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --strategy sample.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Policy JSON file to write.")
+def sample(supermodel: str, strategy: str, seed: int, out: str) -> None:
+    """Draw a discrete policy from a SuperModel's policy logits and write it as JSON."""
+    from automtl_compiler.nn.supermodel import SuperModel
+
+    model = SuperModel.load(supermodel)
+    policy = model.sample_policy(strategy, seed=seed)
+    policy.save(out)
+    for task, counts in policy.counts().items():
+        click.echo(f"{task}: " + ", ".join(f"{branch} {n}" for branch, n in counts.items()))
+    click.echo(f"wrote {out} ({len(model.unit_names)} units x {len(model.tasks)} tasks, strategy {strategy}"
+               + (f", seed {seed})" if strategy == "sample" else ")"))
+
+
+@main.command(name="prune")
+@click.argument("supermodel", metavar="SUPERMODEL_DIR")
+@click.option("--policy", "policy_path", required=True, type=click.Path(dir_okay=False),
+              help="Policy JSON (from `automtl sample`).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
+              help="Directory to write the compact model to.")
+def prune_(supermodel: str, policy_path: str, out: str) -> None:
+    """Prune SUPERMODEL_DIR to a policy: the compact multi-task model, shared work and weights once."""
+    from automtl_compiler.nn.compact import prune
+    from automtl_compiler.nn.policy import Policy
+    from automtl_compiler.nn.supermodel import SuperModel
+
+    policy = Policy.load(policy_path)
+    model = SuperModel.load(supermodel)
+    policy.check(model.tasks, model.unit_names, where=policy_path)
+    compact = prune(model, policy)
+    _write_directory(Path(out), compact.save)
+    click.echo(compact.summary())
+    click.echo(f"wrote {out}")
+
+
+@main.command(name="export")
+@click.argument("compact", metavar="COMPACT_DIR")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="The .onnx file to write (only after it has been verified).")
+@click.option("--task", default=None, help="Export only this task's output and the nodes it needs.")
+@click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True, help="ONNX opset.")
+@click.option("--dynamic-hw", is_flag=True, help="Make height and width dynamic too (the batch always is).")
+@click.option("--static-batch", is_flag=True, help="Fix the batch size to the one of --input-shape.")
+@click.option("--no-verify", is_flag=True, help="Skip running the file in onnxruntime against PyTorch.")
+@click.option("--input-shape", default=None, metavar="N,C,H,W",
+              help="Example input shape (default: the compact model's input shape).")
+def export(compact: str, out: str, task: str | None, opset: int, dynamic_hw: bool, static_batch: bool,
+           no_verify: bool, input_shape: str | None) -> None:
+    """Export a compact model (from `automtl prune`) to ONNX: one input, one output per task."""
+    from automtl_compiler.backends.onnx_export import export_onnx
+    from automtl_compiler.nn.compact import CompactModel
+
+    path = Path(out)
+    if path.suffix.lower() != ".onnx":
+        raise click.BadParameter(f"'{out}' must end in .onnx", param_hint="-o")
+    model = CompactModel.load(compact)
+    export_onnx(model, path, input_shape=parse_shape(input_shape), opset=opset, dynamic_batch=not static_batch,
+                dynamic_hw=dynamic_hw, verify=not no_verify, task=task)
+    tasks = [task] if task else model.tasks
+    size = path.stat().st_size / 2**20
+    check = "not verified (--no-verify)" if no_verify else "verified against PyTorch with onnxruntime"
+    click.echo(f"wrote {path} ({size:.1f} MB, opset {opset}, outputs {', '.join(tasks)}; {check})")
+
+
+@main.command()
+@click.argument("model", metavar="MODEL.onnx")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Batch size.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "all"]), default="all", show_default=True,
+              help="Execution provider(s); 'all' is the CPU plus CUDA when a GPU is usable.")
+@click.option("--repeat", type=click.IntRange(1), default=10, show_default=True, help="Timed runs per provider.")
+@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True, help="Untimed runs first.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime intra-op threads.")
+def bench(model: str, batch: int, provider: str, repeat: int, warmup: int, threads: int | None) -> None:
+    """Median latency and throughput of an ONNX model in onnxruntime, per execution provider."""
+    from automtl_compiler.errors import require_file
+    from automtl_compiler.runtime import benchmark, cuda_status
+
+    require_file(model, "ONNX model")
+    providers = [provider] if provider != "all" else ["cpu"]
+    note = ""
+    if provider == "all":
+        usable, reason = cuda_status()
+        if usable:
+            providers.append("cuda")
+        else:
+            note = f"cuda: skipped, {reason}"
+    rows = benchmark(model, batch=batch, providers=providers, repeat=repeat, warmup=warmup, threads=threads)
+    header = ["provider", "batch", "input", "median ms", "images/s"]
+    cells = [[r["provider"], str(r["batch"]), "x".join(map(str, r["input_shape"])), f"{r['median_ms']:.2f}",
+              f"{r['images_per_s']:.1f}"] for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(header, *cells)]
+    for line in [header, *cells]:
+        click.echo("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |")
+        if line is header:
+            click.echo("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    click.echo(f"median of {repeat} runs after {warmup} warm-up runs; {Path(model).name}")
+    if note:
+        click.echo(note)
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (dotted), e.g. --set stages.pretrain.iters=10. Repeatable.")
+@click.option("--baseline", type=click.Choice(["single-task", "all-share"]), default=None,
+              help="Train a reference with the same budget instead (for Δm).")
+@click.option("--resume", is_flag=True, help="Require an earlier run of the same config in --out to resume.")
+@click.option("--overwrite", is_flag=True, help="Replace whatever run is in --out.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def train(config: str | None, out: str, overrides: tuple[str, ...], baseline: str | None, resume: bool,
+          overwrite: bool, quiet: bool) -> None:
+    """Train a compiled SuperModel through AutoMTL's stages (CONFIG: YAML; default: the built-in config).
+
+    Started again with the same command after a crash or kill, a run resumes from its last checkpoint.
+    """
+    from automtl_compiler.train.run import train as run_training
+
+    report = run_training(config, list(overrides), out, resume=resume, overwrite=overwrite, progress=not quiet,
+                          baseline=baseline)
+    for task, metrics in report["tasks"].items():
+        click.echo(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if "delta_m" in report:
+        click.echo(f"delta_m: {report['delta_m']['delta_m']:+.2f}%")
+    click.echo(f"wrote {Path(out) / 'report.json'}")
+
+
 if __name__ == "__main__":
     main()

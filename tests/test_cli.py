@@ -91,3 +91,17 @@ def test_compile_rejects_bad_task_specs(tmp_path, task, needle):
 def test_compile_rejects_duplicate_tasks(tmp_path):
     res = run("compile", "torchvision:resnet18", "--task", "a:1", "--task", "a:2", "-o", str(tmp_path / "sm"))
     assert res.returncode == 2 and "given twice" in res.stderr
+
+
+def test_train_quick_run_and_bad_config(tmp_path):
+    args = ["train", str(Path(__file__).resolve().parent.parent / "configs" / "synthetic-quick.yaml"),
+            "--out", str(tmp_path / "run"), "--quiet", "--set", "backbone=torchvision:mobilenet_v3_small",
+            "--set", "input_size=[32, 32]", "--set", "dataset.options.length=16", "--set", "batch_size=4"]
+    for stage in ("pretrain", "policy", "posttrain"):
+        args += ["--set", f"stages.{stage}.iters=2"]
+    res = run(*args)
+    assert res.returncode == 0, res.stderr
+    assert "segment_semantic: miou" in res.stdout and (tmp_path / "run" / "report.json").exists()
+    res = run("train", "--out", str(tmp_path / "other"), "--set", "stages.pretrain.itres=1")
+    assert res.returncode == 2 and "unknown key 'stages.pretrain.itres'" in res.stderr
+    assert not (tmp_path / "other").exists()
