@@ -20,6 +20,16 @@ Sample = tuple[torch.Tensor, dict[str, torch.Tensor]]
 INVALID_FILL = {"depth_zbuffer": 0.0, "normal": 0.0}
 
 
+def checked_index(index: int, length: int) -> int:
+    """``index`` as a non-negative position (negative counts from the end); IndexError when out of range."""
+    i = int(index)
+    if i < 0:
+        i += length
+    if not 0 <= i < length:
+        raise IndexError(f"index {index} out of range for a dataset of {length} samples")
+    return i
+
+
 def require_dir(path: Path, layout: str) -> Path:
     """``path`` if it is a directory, else FileFormatError saying which layout was expected."""
     if not path.exists():

@@ -27,6 +27,7 @@ from ._common import (
     Sample,
     check_scales,
     check_shape,
+    checked_index,
     hflip,
     hwc_to_chw,
     index_files,
@@ -94,10 +95,7 @@ class MTANLayoutDataset(Dataset):
         return len(self.stems)
 
     def __getitem__(self, index: int) -> Sample:
-        n = len(self.stems)
-        i = int(index) + (n if int(index) < 0 else 0)
-        if not 0 <= i < n:
-            raise IndexError(f"index {index} out of range for a dataset of {n} samples")
+        i = checked_index(index, len(self.stems))
         image, targets = self.load(i)
         if self.augment:
             rng = sample_rng(self.seed, self.epoch, i)

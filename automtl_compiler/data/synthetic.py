@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import AutomtlError
+from ._common import checked_index
 
 TASKS: tuple[str, ...] = ("segment_semantic", "depth_zbuffer", "normal", "classification")
 SPLITS: tuple[str, ...] = ("train", "val", "policy")
@@ -507,12 +508,7 @@ class SyntheticScenes(Dataset):
         return scene_seed(self.split, self._check_index(index), self.seed)
 
     def _check_index(self, index: int) -> int:
-        i = int(index)
-        if i < 0:
-            i += self.length
-        if not 0 <= i < self.length:
-            raise IndexError(f"index {index} out of range for a dataset of {self.length} samples")
-        return i
+        return checked_index(index, self.length)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.__getitems__([index])[0]

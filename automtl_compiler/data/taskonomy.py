@@ -16,6 +16,7 @@ from ..errors import AutomtlError, FileFormatError
 from ..tasks.base import nearest_resize
 from ._common import (
     Sample,
+    checked_index,
     hflip,
     load_npy,
     load_png,
@@ -166,10 +167,7 @@ class Taskonomy(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> Sample:
-        n = len(self.rows)
-        i = int(index) + (n if int(index) < 0 else 0)
-        if not 0 <= i < n:
-            raise IndexError(f"index {index} out of range for a dataset of {n} samples")
+        i = checked_index(index, len(self.rows))
         image, targets = self.load(i)
         if self.augment:
             rng = sample_rng(self.seed, self.epoch, i)

@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..errors import AutomtlError
 from ..ir.serialize import atomic_write, load_graph, read_json, save_graph
 from .heads import build_heads, head_spec
 from .policy import Policy
-from .supermodel_io import load_state, save_state
+from .supermodel_io import load_state, output_directory, save_state
 
 if TYPE_CHECKING:
     from .compact import CompactModel
@@ -25,10 +24,7 @@ FORMAT = "automtl-compact"
 
 def save_compact(model: CompactModel, directory: str | Path) -> Path:
     """Write ``model`` into ``directory`` (created if needed); each file is replaced atomically."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise AutomtlError(f"{directory} exists and is not a directory; choose another output path")
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = output_directory(directory)
     save_graph(model.graph, directory / "graph.json")
     save_state(model.heads, directory / "heads.safetensors")
     doc = {"format": FORMAT, "version": 1, "tasks": model.tasks,

@@ -26,12 +26,18 @@ if TYPE_CHECKING:
 FORMAT = "automtl-supermodel"
 
 
-def save_supermodel(model: SuperModel, directory: str | Path) -> Path:
-    """Write ``model`` into ``directory`` (created if needed); each file is replaced atomically."""
+def output_directory(directory: str | Path) -> Path:
+    """Create ``directory`` if needed; a file in its place is an error (it is never replaced)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise AutomtlError(f"{directory} exists and is not a directory; choose another output path")
     directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def save_supermodel(model: SuperModel, directory: str | Path) -> Path:
+    """Write ``model`` into ``directory`` (created if needed); each file is replaced atomically."""
+    directory = output_directory(directory)
     heads = {t: head_spec(h) for t, h in model.heads.items()}
     doc = {"format": FORMAT, "version": 1, "tasks": model.tasks, "feature_node": model.mt.feature_node,
            "heads": heads, "fixed_policy": model.fixed_policy.to_json() if model.fixed_policy else None}
