@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import AutomtlError, FileFormatError, GraphError, ShapeError, UnsupportedOpError, require_file
+from ..errors import (
+    AutomtlError,
+    FileFormatError,
+    GraphError,
+    ShapeError,
+    UnsupportedOpError,
+    require_file,
+)
 from ..ir.graph import Graph
 from ..ir.ops import get_op
 

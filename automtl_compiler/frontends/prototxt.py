@@ -70,8 +70,15 @@ import torch
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
-from ..errors import (AutomtlError, FileFormatError, GraphError, ParseError, ShapeError, UnsupportedOpError,
-                      require_file)
+from ..errors import (
+    AutomtlError,
+    FileFormatError,
+    GraphError,
+    ParseError,
+    ShapeError,
+    UnsupportedOpError,
+    require_file,
+)
 from ..ir.graph import Graph, Node
 from ..ir.ops import get_op, tensor_shapes
 from ..proto import caffe_pb2
