@@ -11,9 +11,24 @@ from .errors import AutomtlError
 from .frontends import load_backbone
 from .ir import Graph, Node, load_graph, save_graph
 from .nn.policy import Policy
+from .nn.compact import CompactModel, prune
 from .nn.supermodel import SuperModel
 
 __version__ = "0.1.0"
 
-__all__ = ["AutomtlError", "Graph", "Node", "Policy", "SuperModel", "build_supermodel", "export_prototxt",
-           "load_backbone", "load_graph", "save_graph", "to_torch", "__version__"]
+__all__ = ["AutomtlError", "CompactModel", "Graph", "InferenceSession", "Node", "Policy", "SuperModel",
+           "build_supermodel", "export_onnx", "export_prototxt", "load_backbone", "load_graph", "prune",
+           "save_graph", "to_torch", "__version__"]
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    """ONNX export and the onnxruntime session load onnx/onnxruntime only when first used."""
+    if name == "export_onnx":
+        from .backends.onnx_export import export_onnx
+
+        return export_onnx
+    if name == "InferenceSession":
+        from .runtime import InferenceSession
+
+        return InferenceSession
+    raise AttributeError(f"module 'automtl_compiler' has no attribute {name!r}")

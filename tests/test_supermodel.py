@@ -293,3 +293,14 @@ def test_bad_task_specs_are_clear_errors():
         sm(torch.randn(1, 3, 8, 8), mode="warm")
     with pytest.raises(AutomtlError, match="needs a policy"):
         sm(torch.randn(1, 3, 8, 8), mode="fixed")
+
+
+@pytest.mark.parametrize("name,channels", [("mobilenet_v3_large", 960), ("efficientnet_b0", 1280),
+                                           ("mnasnet1_0", 1280), ("vgg16_bn", 512)])
+def test_feature_node_skips_squeeze_excitation_pooling(name, channels):
+    from automtl_compiler import load_backbone
+    from automtl_compiler.passes.feature import find_feature_node
+
+    graph = load_backbone(torchvision.models.get_model(name), input_shape=(1, 3, 64, 64))
+    shape = graph.node(find_feature_node(graph)).shape
+    assert shape[1] == channels and shape[2] * shape[3] > 1

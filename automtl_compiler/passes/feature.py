@@ -22,11 +22,18 @@ def find_feature_node(graph: Graph) -> str:
     """The last node with a spatial (4-D) output before global pooling or flatten.
 
     Walks the graph in order to the first node that removes the spatial dimensions (global pooling,
-    spatial mean, flatten, linear) and returns its 4-D input; a graph with no such node (a dense
-    backbone such as AutoMTL's DeepLab ResNet) gives its single 4-D output.
+    spatial mean, flatten, linear) for good - nothing after it is spatial again, which rules out the
+    pooling inside squeeze-excitation blocks - and returns its 4-D input; a graph with no such node (a
+    dense backbone such as AutoMTL's DeepLab ResNet) gives its single 4-D output.
     """
+    import networkx as nx
+
+    def spatial(name: str) -> bool:
+        shape = graph.node(name).shape or ()
+        return len(shape) == 4 and shape[2] * shape[3] > 1
+
     for node in graph.topological_order():
-        if _reduces_space(node):
+        if _reduces_space(node) and not any(spatial(d) for d in nx.descendants(graph.nx, node.name)):
             src = graph.node(node.inputs[0])
             if src.shape is None or len(src.shape) != 4:
                 raise GraphError(f"{node.where} reduces a non-spatial tensor; name the feature node explicitly")
