@@ -350,7 +350,7 @@ def train(config: str | None, out: str, overrides: tuple[str, ...], baseline: st
                           baseline=baseline)
     for task, metrics in report["tasks"].items():
         click.echo(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    if "delta_m" in report:
+    if report.get("delta_m", {}).get("delta_m") is not None:
         click.echo(f"delta_m: {report['delta_m']['delta_m']:+.2f}%")
     click.echo(f"wrote {Path(out) / 'report.json'}")
 

@@ -135,7 +135,10 @@ def test_baselines_and_delta_m(tmp_path):
     assert all(c["share"] == sum(c.values()) for c in shared["policy"].values())
     report = train(config, TINY + [f"baselines={tmp_path / 'single' / 'report.json'}"], tmp_path / "mtl",
                    progress=False)
-    assert set(report["delta_m"]["per_task"]) == set(single["tasks"])
-    assert isinstance(report["delta_m"]["delta_m"], float)
+    dm = report["delta_m"]
+    zero = {f"{t}/{k}" for t, values in single["tasks"].items() for k, v in values.items() if v == 0}
+    assert set(dm["skipped"]) == zero, "metrics whose baseline is 0 are left out of Δm, and listed"
+    assert set(dm["per_task"]) == {t for t, values in single["tasks"].items() if any(v != 0 for v in values.values())}
+    assert isinstance(dm["delta_m"], float) or (dm["delta_m"] is None and not dm["per_task"])
     with pytest.raises(AutomtlError, match="unknown baseline"):
         train(config, TINY, tmp_path / "x", baseline="ensemble")

@@ -370,9 +370,14 @@ class Trainer:
 
             single = read_baseline(Path(self.cfg["baselines"]), self.tasks)
             usable = {t: {k: v for k, v in single[t].items() if v != 0} for t in self.tasks}
-            directions = {t: self.task_types[t].metric_directions for t in self.tasks}
-            report["delta_m"] = delta_m(metrics, usable, directions)
-            report["delta_m"]["skipped"] = sorted(f"{t}/{k}" for t in self.tasks for k, v in single[t].items() if v == 0)
+            usable = {t: values for t, values in usable.items() if values}
+            skipped = sorted(f"{t}/{k}" for t in self.tasks for k, v in single[t].items() if v == 0)
+            if usable:
+                directions = {t: self.task_types[t].metric_directions for t in usable}
+                report["delta_m"] = delta_m({t: metrics[t] for t in usable}, usable, directions)
+            else:
+                report["delta_m"] = {"per_task": {}, "delta_m": None}
+            report["delta_m"]["skipped"] = skipped  # a baseline value of 0 has no relative change
         text = json.dumps(report, indent=1)
         atomic_write(self.out / "report.json", lambda tmp: tmp.write_text(text))
         draw_policy(self.model.policy_distribution(), self.out / "policy.png")
