@@ -10,7 +10,6 @@ from __future__ import annotations
 import keyword
 import re
 
-import torch
 from torch import fx, nn
 
 from ..ir.graph import Graph
@@ -75,9 +74,4 @@ def to_torch(graph: Graph, *, class_name: str | None = None) -> fx.GraphModule:
     return gm
 
 
-def to_torch_eval(graph: Graph) -> fx.GraphModule:
-    """``to_torch`` in eval mode, for inference and parity checks."""
-    return to_torch(graph).eval()
-
-
-__all__ = ["to_torch", "to_torch_eval", "module_name", "torch"]
+__all__ = ["to_torch", "module_name"]
