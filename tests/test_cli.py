@@ -105,3 +105,18 @@ def test_train_quick_run_and_bad_config(tmp_path):
     res = run("train", "--out", str(tmp_path / "other"), "--set", "stages.pretrain.itres=1")
     assert res.returncode == 2 and "unknown key 'stages.pretrain.itres'" in res.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_every_command_in_the_readme_exists():
+    import re
+
+    from click.testing import CliRunner
+
+    from automtl_compiler.cli.main import main
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    commands = set(re.findall(r"(?:^|\$ |`)automtl ([a-z]+)", readme, flags=re.M))
+    assert {"inspect", "convert", "compile", "sample", "prune", "export", "bench", "train"} <= commands
+    for name in commands:
+        result = CliRunner().invoke(main, [name, "--help"], standalone_mode=False)
+        assert result.exit_code == 0, f"README mentions `automtl {name}`, which does not exist"

@@ -142,3 +142,9 @@ def test_baselines_and_delta_m(tmp_path):
     assert isinstance(dm["delta_m"], float) or (dm["delta_m"] is None and not dm["per_task"])
     with pytest.raises(AutomtlError, match="unknown baseline"):
         train(config, TINY, tmp_path / "x", baseline="ensemble")
+
+
+def test_bf16_autocast_runs(tmp_path):
+    report = train(ROOT / "configs" / "synthetic-quick.yaml", TINY + ["bf16=true", "checkpoint_every=0"],
+                   tmp_path / "run", progress=False)
+    assert all(all(v == v for v in m.values()) for m in report["tasks"].values()), "metrics are not NaN"
