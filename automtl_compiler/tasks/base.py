@@ -141,6 +141,16 @@ class TaskType(ABC):
         return f"{type(self).__name__}({opts})"
 
 
+class DenseTask(TaskType):
+    """A pixel-wise regression task whose one option is how prediction and target meet in size."""
+
+    def __init__(self, resize: str = "target") -> None:
+        self.resize = check_resize(resize)
+
+    def options(self) -> dict:
+        return {"resize": self.resize}
+
+
 def zero_loss(pred: torch.Tensor) -> torch.Tensor:
     """A zero that still depends on ``pred`` (for a batch without a single valid pixel): no NaN, no crash."""
     return pred.sum() * 0.0

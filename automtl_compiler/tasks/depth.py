@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import AutomtlError
-from .base import Metric, TaskType, align_dense, check_resize, zero_loss
+from .base import DenseTask, Metric, align_dense, check_resize, zero_loss
 
 
 def depth_valid(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -81,7 +81,7 @@ class DepthMetric(Metric):
                 "delta_1.25^2": self.within[1] / n, "delta_1.25^3": self.within[2] / n}
 
 
-class DepthZBuffer(TaskType):
+class DepthZBuffer(DenseTask):
     """Depth estimation (z-buffer depth, one channel). Registry names ``depth_zbuffer`` and ``depth``.
 
     Prediction ``[N, 1, h, w]``; target ``[N, 1, H, W]`` or ``[N, H, W]``. Loss: mean absolute error over
@@ -91,18 +91,12 @@ class DepthZBuffer(TaskType):
     """
 
     kind = "depth_zbuffer"
-    metric_directions: ClassVar[dict[str, bool]] = {"abs_err": False, "rel_err": False, "delta_1.25": True, "delta_1.25^2": True,
-                         "delta_1.25^3": True}
-
-    def __init__(self, resize: str = "target") -> None:
-        self.resize = check_resize(resize)
+    metric_directions: ClassVar[dict[str, bool]] = {
+        "abs_err": False, "rel_err": False, "delta_1.25": True, "delta_1.25^2": True, "delta_1.25^3": True}
 
     @property
     def out_channels(self) -> int:
         return 1
-
-    def options(self) -> dict:
-        return {"resize": self.resize}
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         target = _as_nchw(target, self.kind)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AutomtlError
-from .base import Metric, TaskType, align_dense, check_resize, zero_loss
+from .base import DenseTask, Metric, align_dense, check_resize, zero_loss
 
 
 def normal_valid(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -89,7 +89,7 @@ def _check_channels(pred: torch.Tensor, target: torch.Tensor) -> None:
                            f"{tuple(target.shape)}")
 
 
-class Normal(TaskType):
+class Normal(DenseTask):
     """Surface normals (three channels, unit vectors in the camera frame).
 
     Prediction ``[N, 3, h, w]`` (any length: it is normalised); target ``[N, 3, H, W]``. Loss, as in AdaShare
@@ -99,18 +99,12 @@ class Normal(TaskType):
     """
 
     kind = "normal"
-    metric_directions: ClassVar[dict[str, bool]] = {"angle_mean": False, "angle_median": False, "within_11.25": True, "within_22.5": True,
-                         "within_30": True}
-
-    def __init__(self, resize: str = "target") -> None:
-        self.resize = check_resize(resize)
+    metric_directions: ClassVar[dict[str, bool]] = {
+        "angle_mean": False, "angle_median": False, "within_11.25": True, "within_22.5": True, "within_30": True}
 
     @property
     def out_channels(self) -> int:
         return 3
-
-    def options(self) -> dict:
-        return {"resize": self.resize}
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         pred, target, mask = align_dense(pred, target, mask, self.resize, self.kind)
