@@ -327,10 +327,12 @@ class SuperModel(nn.Module):
         for t in self.tasks:
             head = self.heads[t]
             kind = getattr(head, "spec", {}).get("type", type(head).__name__)
-            task_params = (sum(p.numel() for p in self.specific.parameters()) // len(self.tasks)
-                           + sum(p.numel() for p in head.parameters()))
-            lines.append(f"  task {t}: head {kind} ({sum(p.numel() for p in head.parameters()):,} parameters), "
-                         f"task-owned parameters {task_params + counts['skip'] // len(self.tasks):,}")
+            head_params = sum(p.numel() for p in head.parameters())
+            owned = [self.specific, self.skip]
+            task_params = head_params + sum(p.numel() for group in owned for per_task in group.values()
+                                            for p in per_task[t].parameters())
+            lines.append(f"  task {t}: head {kind} ({head_params:,} parameters), "
+                         f"task-owned parameters {task_params:,}")
         return "\n".join(lines)
 
     def extra_repr(self) -> str:

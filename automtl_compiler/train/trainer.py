@@ -122,11 +122,10 @@ class Trainer:
         self.datasets, self.task_types = datasets, task_types
         self.tasks = list(cfg["tasks"])
         self.device = pick_device(cfg["device"])
-        self.scheduler = create_scheduler(cfg["scheduler"]["name"], tasks=self.tasks,
-                                          **{k: v for k, v in cfg["scheduler"].items() if k != "name"}
-                                          | ({"weights": {t: cfg["tasks"][t]["weight"] for t in self.tasks}}
-                                             if cfg["scheduler"]["name"] == "sum" and "weights" not in cfg["scheduler"]
-                                             else {}))
+        options = {k: v for k, v in cfg["scheduler"].items() if k != "name"}
+        if cfg["scheduler"]["name"] == "sum":  # the sum's λ_t default to the tasks' configured weights
+            options.setdefault("weights", {t: cfg["tasks"][t]["weight"] for t in self.tasks})
+        self.scheduler = create_scheduler(cfg["scheduler"]["name"], tasks=self.tasks, **options)
         if cfg["baselines"]:
             read_baseline(Path(cfg["baselines"]), self.tasks)  # fail now, not after training
         self.model = self._build().to(self.device)
