@@ -46,10 +46,7 @@ def export_graph_onnx(graph: Graph, path: str | Path, *, opset: int = DEFAULT_OP
     axes = {n: {0: "batch"} for n in names_in + graph.outputs} if dynamic_batch else None
 
     def write(tmp: Path) -> None:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, inputs, str(tmp), dynamo=False, opset_version=opset, input_names=names_in,
-                              output_names=list(graph.outputs), dynamic_axes=axes, do_constant_folding=True)
+        _torch_export(module, inputs, tmp, opset, list(graph.outputs), axes, True, False, names_in)
         if verify:
             verify_onnx(tmp, module, inputs, list(graph.outputs), atol=atol)
 
@@ -239,14 +236,17 @@ def _metadata(model: Any, tasks: list[str], shape: tuple[int, ...], names: list[
     return {METADATA_PREFIX + k: json.dumps(v) for k, v in fields.items()}
 
 
-def _torch_export(module: torch.nn.Module, example: torch.Tensor, tmp: Path, opset: int, names_out: list[str],
-                  axes: dict[str, dict[int, str]] | None, constant_folding: bool, dynamic_hw: bool) -> None:
+def _torch_export(module: torch.nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], tmp: Path, opset: int,
+                  names_out: list[str], axes: dict[str, dict[int, str]] | None, constant_folding: bool,
+                  dynamic_hw: bool, names_in: list[str] | None = None) -> None:
+    """torch.onnx.export (TorchScript exporter) with its noise silenced and its failures as one-line errors."""
+    example = example if isinstance(example, tuple) else (example,)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()), _native_output_silenced(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=names_out, dynamic_axes=axes,
+            torch.onnx.export(module, example, str(tmp), dynamo=False, opset_version=opset,
+                              input_names=names_in or ["input"], output_names=names_out, dynamic_axes=axes,
                               do_constant_folding=constant_folding)
     except AutomtlError:
         raise
