@@ -15,6 +15,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
+import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -79,6 +80,7 @@ class SuperModel(nn.Module):
         self._unit_of_output = {u.output: u for u in self.units}
         self._unit_of_conv = {u.conv: u for u in self.units}
         self._in_unit = {u.bn for u in self.units if u.bn}
+        self._in_unit_only = {u.conv for u in self.units if u.bn}  # convs whose unit output is their BN
         self.backbone = nn.ModuleDict()
         self._functions: dict[str, tuple[Any, dict[str, Any]]] = {}
         for node in mt.graph.topological_order():
@@ -185,12 +187,20 @@ class SuperModel(nn.Module):
         return self.forward_all(x, mode=mode, tau=tau, policy=policy, tasks=[task], generator=generator)[task]
 
     def forward_all(self, x: torch.Tensor, mode: str = "hard", tau: float = 5.0, policy: Policy | None = None,
-                    tasks: Sequence[str] | None = None,
-                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Outputs of several tasks (default: all) in one call; shared work runs once."""
+                    tasks: Sequence[str] | None = None, generator: torch.Generator | None = None,
+                    feature: bool = False) -> Any:
+        """Outputs of several tasks (default: all) in one call; shared work runs once.
+
+        With ``feature=True`` returns ``(outputs, z)``: ``z`` is the end of the trunk the tasks have in
+        common - the last tensor that every task consumes and that every path from the input to a task's
+        output passes through - or None when there is none (soft and pretrain modes mix per-task branches
+        from the first conv on). Gradient schedulers use it: per-task gradients w.r.t. ``z`` cost a pass
+        through the task-specific part only.
+        """
         tasks = tuple(self.tasks if tasks is None else tasks)
         for t in tasks:
             self._check_task(t)
+        z = None
         if mode == "soft":
             if tau <= 0:
                 raise AutomtlError(f"temperature tau must be positive, got {tau}")
@@ -199,10 +209,18 @@ class SuperModel(nn.Module):
         elif mode == "pretrain":
             feats = self._compiled_for(("pretrain", tasks))(x)
         elif mode in ("hard", "fixed"):
-            feats = self._compiled_for(("plan", self._plan(mode, tasks, policy)))(x)
+            *feats, z = self._compiled_for(("plan", self._plan(mode, tasks, policy)))(x)
         else:
             raise AutomtlError(f"unknown mode '{mode}'; use one of {MODES}")
-        return {t: apply_head(self.heads[t], f, x) for t, f in zip(tasks, feats)}
+        outs = {t: apply_head(self.heads[t], f, x) for t, f in zip(tasks, feats)}
+        return (outs, z) if feature else outs
+
+    def trunk_end(self, mode: str = "fixed", policy: Policy | None = None, tasks: Sequence[str] | None = None) -> str | None:
+        """The backbone node whose output is ``z`` of ``forward_all(..., feature=True)`` (None if there is none)."""
+        if mode not in ("hard", "fixed"):
+            return None
+        tasks = tuple(self.tasks if tasks is None else tasks)
+        return self._common_cut(dict(self._plan(mode, tasks, policy)))
 
     def _check_task(self, task: str) -> None:
         if task not in self.heads:
@@ -247,7 +265,8 @@ class SuperModel(nn.Module):
         emitter = _Emitter()
         x = emitter.graph.placeholder("x")
         gates = emitter.graph.placeholder("gates") if kind == "soft" else None
-        outputs = []
+        outputs: list[fx.Node | None] = []
+        envs: list[dict[str, fx.Node]] = []
         for t in tasks:
             env: dict[str, fx.Node] = {}
             for node in self.mt.graph.topological_order():
@@ -265,9 +284,39 @@ class SuperModel(nn.Module):
                     env[node.name] = emitter.module(f"backbone.{module_name(node.name)}",
                                                    tuple(env[i] for i in node.inputs), node.name)
             outputs.append(env[self.mt.feature_node])
+            envs.append(env)
+        if kind == "plan":
+            cut = self._common_cut(plans)  # type: ignore[arg-type]
+            outputs.append(envs[0][cut] if cut is not None else None)
         emitter.graph.output(tuple(outputs))
         gm = fx.GraphModule(self, emitter.graph, "SuperModelForward")
         return gm
+
+    def _common_cut(self, plans: dict[str, tuple[str, ...]]) -> str | None:
+        """The last node on every input-to-feature path whose value is the same for all planned tasks.
+
+        A node is common when every unit it depends on is shared by all tasks; among the nodes that
+        dominate the feature node (every path passes through them) the one nearest the feature is the cut.
+        """
+        g = self.mt.graph
+        inputs = g.inputs
+        if len(inputs) != 1 or not plans:
+            return None
+        choices = {u.conv: {plans[t][i] for t in plans} for i, u in enumerate(self.units)}
+        common = ({"share"}, {"skip"})
+        private = {u.output for u in self.units
+                   if len(plans) > 1 and (choices[u.conv] not in common or (choices[u.conv] == {"skip"} and not u.skip.identity))}
+        idom = nx.immediate_dominators(g.nx, inputs[0])
+        tainted: set[str] = set()
+        for node in g.topological_order():
+            if node.name in private or any(i in tainted for i in node.inputs):
+                tainted.add(node.name)
+        node_name = self.mt.feature_node
+        while node_name != inputs[0]:
+            if node_name not in tainted and node_name not in self._in_unit_only:
+                return node_name
+            node_name = idom[node_name]
+        return None
 
     def _emit_unit(self, em: _Emitter, u: Unit, task: str, x: fx.Node, kind: str,
                    plan: tuple[str, ...] | None, gates: fx.Node | None) -> fx.Node:

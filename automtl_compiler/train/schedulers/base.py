@@ -1,22 +1,127 @@
-"""The per-step combiner interface every gradient scheduler implements."""
+"""The two interfaces every gradient scheduler implements.
+
+* :class:`Combiner` - a per-step scheduler: it sees one step's task losses and fills the ``.grad`` of the
+  parameters the step trains (the weighted sum, IMTL). It may use a tensor every task consumes
+  (``StepContext.feature``) where the model has one: per-task gradients w.r.t. it are far cheaper than
+  w.r.t. the shared parameters.
+* :class:`MetaScheduler` - owns a span of the training loop (K steps): it gets the model, the stage's
+  optimiser, the deterministic batches and the loss function, as Meta-GF and TMT need.
+
+Both are ``nn.Module`` so that learnable scheduler state (IMTL-L's loss scales, TMT's controller, Meta-GF's
+meta-weights) is saved in checkpoints with the model; ``optimizers()`` names the scheduler's own optimisers
+so that their moments are checkpointed too.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
+from torch import nn
+
+Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
-class Combiner(ABC):
-    """Turns a step's per-task losses into gradients on the model's parameters."""
+@dataclass
+class StepContext:
+    """What a per-step combiner may use beyond the losses.
+
+    ``params`` are the parameters the step trains (its optimiser's); ``feature`` is a tensor that every task
+    consumes and that every path from the input to a task output passes through (the end of the common
+    trunk), or None when the model has none in this mode.
+    """
+
+    params: list[nn.Parameter]
+    feature: torch.Tensor | None = None
+
+
+@dataclass
+class SpanContext:
+    """What a meta scheduler gets to run the steps ``start .. start + steps - 1`` of a stage.
+
+    * ``forward(x, tasks=None, feature=False)``: the stage's forward (its mode and policy) -> task -> output;
+      with ``feature=True`` it returns ``(outputs, z)`` with ``z`` as in :class:`StepContext` (or None).
+    * ``batch(step)``: the stage's batch for a step (all targets), deterministic in the step.
+    * ``task_batch(task, step)``: a batch that carries labels of ``task`` (for per-task data, e.g. TMT's
+      limited-label setting); by default the same as ``batch``.
+    * ``loss(outputs, targets)``: task -> scalar loss.
+    * ``seed(step)``: call before a step's forward so dropout and noise are reproducible on resume.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+    forward: Callable[..., Any]
+    batch: Callable[[int], Batch]
+    loss: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    start: int
+    steps: int
+    device: torch.device = torch.device("cpu")
+    task_batch: Callable[[str, int], Batch] | None = None
+    seed: Callable[[int], None] = lambda step: None
+    check: Callable[[dict[str, torch.Tensor], int], None] = lambda losses, step: None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def batch_for(self, task: str, step: int) -> Batch:
+        """A batch with labels of ``task`` for ``step``."""
+        return self.task_batch(task, step) if self.task_batch is not None else self.batch(step)
+
+
+class Scheduler(nn.Module, ABC):
+    """What every scheduler has: its tasks, its own optimisers, and what it needs from the model."""
+
+    #: "step" (a Combiner) or "meta" (a MetaScheduler)
+    kind: str = "step"
+    #: True when the scheduler cannot work without ``StepContext.feature`` / ``forward(feature=True)``
+    needs_feature: bool = False
+    #: the trainer stages it can run in; validation rejects any other
+    stages: tuple[str, ...] = ("pretrain", "policy", "posttrain")
 
     def __init__(self, tasks: list[str]) -> None:
+        super().__init__()
         self.tasks = list(tasks)
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The scheduler's own optimisers by name (checkpointed with the trainer's)."""
+        return {}
+
+
+class Combiner(Scheduler):
+    """Turns a step's per-task losses into gradients on the model's parameters."""
+
+    kind = "step"
+
     @abstractmethod
-    def backward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Fill the parameters' ``.grad`` from ``losses`` (task -> scalar); return the optimised loss."""
+    def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
+        """Fill ``.grad`` of ``ctx.params`` from ``losses`` (task -> scalar); return the optimised loss.
+
+        Called after the optimiser's ``zero_grad``; the trainer calls ``optimizer.step()`` next. A combiner
+        with learnable state steps its own optimisers here.
+        """
 
     @abstractmethod
     def combine(self, grads: torch.Tensor) -> torch.Tensor:
         """Combine a [T, P] matrix of task gradients (rows in ``self.tasks`` order) into one [P] vector."""
+
+
+class MetaScheduler(Scheduler):
+    """Owns spans of the loop: ``run_span`` trains ``ctx.steps`` steps and leaves the model updated."""
+
+    kind = "meta"
+    stages = ("pretrain", "posttrain")
+
+    def __init__(self, tasks: list[str], span: int = 100) -> None:
+        super().__init__(tasks)
+        if span < 1:
+            raise ValueError(f"span must be at least 1 step, got {span}")
+        self.span = int(span)
+
+    @abstractmethod
+    def run_span(self, ctx: SpanContext) -> dict[str, float]:
+        """Train steps ``ctx.start .. ctx.start + ctx.steps - 1``; return per-task mean losses (for logs)."""
+
+    def check_model(self, feature_available: bool, stage: str) -> str | None:
+        """None when the scheduler can run in ``stage``; otherwise what is missing and what would work."""
+        return None

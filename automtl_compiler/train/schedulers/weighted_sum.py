@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import AutomtlError
-from .base import Combiner
+from .base import Combiner, StepContext
 
 
 class WeightedSum(Combiner):
@@ -23,7 +23,7 @@ class WeightedSum(Combiner):
         """Σ_t λ_t L_t."""
         return sum(self.weights[t] * losses[t] for t in losses)  # type: ignore[return-value]
 
-    def backward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
         loss = self.total(losses)
         loss.backward()
         return loss
