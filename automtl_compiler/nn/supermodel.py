@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import operator
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import networkx as nx
 import torch
@@ -369,8 +370,8 @@ class SuperModel(nn.Module):
         feat = self.mt.graph.node(self.mt.feature_node)
         skips = sum(not u.skip.identity for u in self.units)
         lines = [f"SuperModel over '{self.mt.graph.name}': {len(self.tasks)} task(s) {', '.join(self.tasks)}",
-                 f"policy-able units: {len(self.units)} convs ({sum(u.bn is not None for u in self.units)} with "
-                 f"batch norm, {skips} with a skip projection), depth levels D = {self.mt.num_levels}",
+                 (f"policy-able units: {len(self.units)} convs ({sum(u.bn is not None for u in self.units)} with "
+                  f"batch norm, {skips} with a skip projection), depth levels D = {self.mt.num_levels}"),
                  f"feature node: {feat.name} {list(feat.shape or ())}",
                  "parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())]
         for t in self.tasks:

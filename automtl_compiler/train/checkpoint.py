@@ -38,10 +38,14 @@ def _split_optimizer(name: str, opt: Any) -> tuple[dict[str, torch.Tensor], dict
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, optimizers: dict[str, Any],
-                    schedulers: dict[str, Any], state: dict[str, Any]) -> Path:
-    """Write a checkpoint of ``model``, ``optimizers`` (name -> optimiser), LR ``schedulers`` and ``state``."""
+                    schedulers: dict[str, Any], state: dict[str, Any],
+                    modules: dict[str, torch.nn.Module] | None = None) -> Path:
+    """Write a checkpoint of ``model``, ``optimizers`` (name -> optimiser), LR ``schedulers``, ``state`` and
+    other ``modules`` with learnable state (a gradient scheduler's)."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, module in (modules or {}).items():
+        tensors.update({f"module/{name}/{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
     opt_meta = {}
     for name, opt in optimizers.items():
         t, meta = _split_optimizer(name, opt)
@@ -79,9 +83,15 @@ def has_checkpoint(directory: Path) -> bool:
     return (directory / "last.json").exists()
 
 
+def peek_state(directory: Path) -> dict[str, Any] | None:
+    """The ``state`` of the last checkpoint in ``directory`` without loading any tensor (None if none)."""
+    doc = _read_index(directory)
+    return None if doc is None else doc["state"]
+
+
 def load_checkpoint(directory: Path, model: torch.nn.Module, optimizers: dict[str, Any],
-                    schedulers: dict[str, Any]) -> dict[str, Any]:
-    """Restore ``model``, ``optimizers`` and ``schedulers`` in place; return the saved ``state``."""
+                    schedulers: dict[str, Any], modules: dict[str, torch.nn.Module] | None = None) -> dict[str, Any]:
+    """Restore ``model``, ``optimizers``, ``schedulers`` and ``modules`` in place; return the saved ``state``."""
     doc = _read_index(directory)
     if doc is None:
         raise FileFormatError(f"{directory}: no checkpoint (last.json) to resume from")
@@ -95,6 +105,13 @@ def load_checkpoint(directory: Path, model: torch.nn.Module, optimizers: dict[st
     if result.missing_keys or result.unexpected_keys:
         raise FileFormatError(f"{wpath}: checkpoint does not match the model (missing {result.missing_keys[:3]}, "
                               f"unexpected {result.unexpected_keys[:3]}); was the config changed?")
+    for name, module in (modules or {}).items():
+        prefix = f"module/{name}/"
+        result = module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                        strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise FileFormatError(f"{wpath}: the {name} state does not match (missing {result.missing_keys[:3]}, "
+                                  f"unexpected {result.unexpected_keys[:3]}); was the config changed?")
     for name, opt in optimizers.items():
         meta = doc["optimizers"].get(name)
         if meta is None:

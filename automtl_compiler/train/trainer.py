@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -23,11 +24,21 @@ from ..ir.serialize import atomic_write
 from ..nn.heads import make_head
 from ..nn.policy import Policy
 from ..nn.supermodel import SuperModel
-from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import has_checkpoint, load_checkpoint, peek_state, save_checkpoint
 from .config import dump_config
+from .schedulers import (
+    Combiner,
+    MetaScheduler,
+    Scheduler,
+    SpanContext,
+    StepContext,
+    WeightedSum,
+    scheduler_class,
+)
 from .schedulers import create as create_scheduler
 
 STAGES = ("pretrain", "policy", "sample", "posttrain")
+TRAINING_STAGES = ("pretrain", "policy", "posttrain")
 
 
 def step_seed(seed: int, stage: str, step: int) -> int:
@@ -84,12 +95,12 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=start, desc=stage, leave=True, dynamic_ncols=True)
 
-    def update(self, info: dict[str, float]) -> None:
-        self.count += 1
+    def update(self, info: dict[str, float], count: int = 1) -> None:
+        self.count += count
         text = {k: f"{v:.4g}" for k, v in info.items()}
         if self.bar is not None:
             self.bar.set_postfix(text, refresh=False)
-            self.bar.update(1)
+            self.bar.update(count)
         elif self.enabled and (time.monotonic() - self.last > 5 or self.count == self.total):
             self.last = time.monotonic()
             print(f"[{self.stage}] {self.count}/{self.total} " + " ".join(f"{k}={v}" for k, v in text.items()),
@@ -122,10 +133,9 @@ class Trainer:
         self.datasets, self.task_types = datasets, task_types
         self.tasks = list(cfg["tasks"])
         self.device = pick_device(cfg["device"])
-        options = {k: v for k, v in cfg["scheduler"].items() if k != "name"}
-        if cfg["scheduler"]["name"] == "sum":  # the sum's λ_t default to the tasks' configured weights
-            options.setdefault("weights", {t: cfg["tasks"][t]["weight"] for t in self.tasks})
-        self.scheduler = create_scheduler(cfg["scheduler"]["name"], tasks=self.tasks, **options)
+        self.scheduler, self.scheduler_stages = self._make_scheduler(baseline)
+        self.plain = WeightedSum(self.tasks, {t: cfg["tasks"][t]["weight"] for t in self.tasks})
+        self._prepared: str | None = None
         if cfg["baselines"]:
             read_baseline(Path(cfg["baselines"]), self.tasks)  # fail now, not after training
         self.model = self._build().to(self.device)
@@ -137,6 +147,37 @@ class Trainer:
             self.state.update({"stage": "posttrain", "policy": share.to_json()})
 
     # ------------------------------------------------------------ construction
+    def _make_scheduler(self, baseline: bool) -> tuple[Scheduler, tuple[str, ...]]:
+        """The configured scheduler and the stages it runs in (the weighted sum runs in the others)."""
+        options = {k: v for k, v in self.cfg["scheduler"].items() if k not in ("name", "stages")}
+        name = self.cfg["scheduler"]["name"]
+        if name == "sum":  # the sum's λ_t default to the tasks' configured weights
+            options.setdefault("weights", {t: self.cfg["tasks"][t]["weight"] for t in self.tasks})
+        cls = scheduler_class(name)
+        scheduler = create_scheduler(name, tasks=self.tasks, **options)
+        able = tuple(s for s in TRAINING_STAGES if s in scheduler.stages
+                     and not (scheduler.needs_feature and s != "posttrain"))
+        asked = self.cfg["scheduler"].get("stages")
+        if asked is None:
+            stages = able
+        else:
+            if not isinstance(asked, list) or any(s not in TRAINING_STAGES for s in asked):
+                raise AutomtlError(f"config: 'scheduler.stages' must be a list of {', '.join(TRAINING_STAGES)}, "
+                                   f"got {asked!r}")
+            unable = [s for s in asked if s not in able]
+            if unable:
+                why = ("it needs a trunk that all tasks share, which only post-train (a fixed policy) has"
+                       if scheduler.needs_feature else f"it runs in {', '.join(cls.stages)} only")
+                raise AutomtlError(f"config: scheduler '{name}' cannot run in stage(s) {unable}: {why}; set "
+                                   f"scheduler.stages to a subset of {list(able) or ['posttrain']}")
+            stages = tuple(asked)
+        if baseline:  # a baseline is one post-train run
+            stages = ("posttrain",) if "posttrain" in stages else ()
+        if not stages:
+            raise AutomtlError(f"config: scheduler '{name}' has no stage to run in here (it runs in "
+                               f"{', '.join(cls.stages)}); use another scheduler")
+        return scheduler, stages
+
     def _build(self) -> SuperModel:
         torch.manual_seed(self.cfg["seed"])  # random-init backbones and heads are the same every time
         h, w = self.cfg["input_size"]
@@ -162,7 +203,8 @@ class Trainer:
 
     # ------------------------------------------------------------ losses and evaluation
     def losses(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {t: self.task_types[t].loss(outputs[t], targets[t].to(self.device)) for t in self.tasks}
+        """Task -> loss (in float32 whatever the autocast dtype) for the outputs given."""
+        return {t: self.task_types[t].loss(o.float(), targets[t].to(self.device)) for t, o in outputs.items()}
 
     def check_finite(self, losses: dict[str, torch.Tensor], stage: str, step: int) -> None:
         for t, v in losses.items():
@@ -214,9 +256,12 @@ class Trainer:
                                                                     stages["posttrain"]["gamma"])}
         ckpt = self.out / "checkpoints"
         if has_checkpoint(ckpt):
-            self.state = load_checkpoint(ckpt, self.model, self.opts, self.scheds)
-            if self.state.get("policy"):
-                self.model.set_policy(Policy.from_json(self.state["policy"]))
+            saved = peek_state(ckpt) or {}
+            if saved.get("policy"):
+                self.model.set_policy(Policy.from_json(saved["policy"]))
+            self._prepare_scheduler(saved.get("stage", "pretrain"))
+            opts = dict(self.opts) | {f"scheduler/{k}": v for k, v in self.scheduler.optimizers().items()}
+            self.state = load_checkpoint(ckpt, self.model, opts, self.scheds, modules={"scheduler": self.scheduler})
         self.model.train()
         if not self.state["done"]:
             for stage in STAGES[STAGES.index(self.state["stage"]):]:
@@ -231,28 +276,111 @@ class Trainer:
                         "posttrain": ("posttrain",)}
 
     def checkpoint(self) -> None:
-        """Save the model and the current stage's optimisers (earlier stages' moments are never used again)."""
+        """Save the model, the current stage's optimisers (earlier stages' moments are never used again)
+        and the gradient scheduler's state and optimisers."""
         live = {k: self.opts[k] for k in self.STAGE_OPTIMIZERS[self.state["stage"]]}
+        live.update({f"scheduler/{k}": v for k, v in self.scheduler.optimizers().items()})
         scheds = self.scheds if self.state["stage"] == "posttrain" else {}
-        save_checkpoint(self.out / "checkpoints", self.model, live, scheds, self.state)
+        save_checkpoint(self.out / "checkpoints", self.model, live, scheds, self.state,
+                        modules={"scheduler": self.scheduler})
 
-    def _loop(self, stage: str, iters: int, body: Callable[[int], dict[str, float]]) -> None:
+    def _stage_params(self, stage: str) -> list[torch.nn.Parameter]:
+        opt = self.opts["network" if stage == "policy" else stage]
+        return [p for group in opt.param_groups for p in group["params"]]
+
+    def _prepare_scheduler(self, stage: str) -> None:
+        """Give the scheduler its per-stage state once per stage (before a checkpoint restores it)."""
+        if self._prepared == stage or stage not in self.scheduler_stages:
+            return
+        shape = None
+        if stage == "posttrain":
+            end = self.model.trunk_end("fixed")
+            if end is None and self.scheduler.needs_feature:
+                raise AutomtlError(f"scheduler '{self.cfg['scheduler']['name']}' needs a trunk that all tasks share, "
+                                   "but the sampled policy gives the tasks different first layers; set "
+                                   "stages.sample.share_first (e.g. 4) so that early layers are shared, or use "
+                                   "another scheduler")
+            shape = tuple(self.model.mt.graph.node(end).shape) if end is not None else None
+        self.scheduler.to(self.device)
+        self.scheduler.prepare(self._stage_params(stage), shape)
+        self._prepared = stage
+
+    def _loop(self, stage: str, iters: int, body: Callable[[int], tuple[dict[str, float], int]]) -> None:
+        """Run ``body(step)`` until ``iters`` steps are done; a body returns its log and how many steps it ran."""
         bar = Progress(stage, iters, self.state["step"], self.progress)
         every, eval_every = self.cfg["checkpoint_every"], self.cfg["eval_every"]
+        crossed = lambda k, a, b: bool(k) and b // k > a // k
         try:
             while self.state["step"] < iters:
                 step = self.state["step"]
                 torch.manual_seed(step_seed(self.cfg["seed"], stage, step))  # dropout and any other global draw
-                info = body(step)
-                self.state["step"] = step + 1
-                bar.update(info)
-                if eval_every and (step + 1) % eval_every == 0 and stage != "policy":
-                    self.log_metrics(stage, step + 1, self.evaluate(*self._eval_mode()))
-                if every and (step + 1) % every == 0:
+                info, count = body(step)
+                self.state["step"] = step + count
+                bar.update(info, count)
+                if crossed(eval_every, step, step + count) and stage != "policy":
+                    self.log_metrics(stage, step + count, self.evaluate(*self._eval_mode()))
+                if crossed(every, step, step + count):
                     self.checkpoint()
         finally:
             bar.close()
         self.checkpoint()
+
+    def _run_network_stage(self, stage: str, iters: int, mode: str, batches: Batches,
+                           after: Callable[[int], None] = lambda count: None) -> None:
+        """A stage that trains the network alone: per-step combiner steps, or a meta scheduler's spans."""
+        self._prepare_scheduler(stage)
+        opt = self.opts[stage]
+        if isinstance(self.scheduler, MetaScheduler) and stage in self.scheduler_stages:
+            meta = self.scheduler
+            labelled = self._labelled_batches(stage)
+
+            def body(step: int) -> tuple[dict[str, float], int]:
+                count = min(meta.span, iters - step)
+                ctx = SpanContext(
+                    model=self.model, optimizer=opt, params=self._stage_params(stage),
+                    forward=lambda x, tasks=None, feature=False: self._forward(x, mode, tasks=tasks, feature=feature),
+                    batch=lambda k: self._to_device(batches.batch(k)), loss=self.losses, start=step,
+                    steps=count, device=self.device,
+                    task_batch=(lambda task, k: self._to_device((labelled if task in labelled.tasks else batches).batch(k)))
+                    if labelled is not None else None,
+                    seed=lambda k: torch.manual_seed(step_seed(self.cfg["seed"], stage, k)),
+                    check=lambda losses, k: self.check_finite(losses, stage, k))
+                info = meta.run_span(ctx)
+                after(count)
+                return info, count
+        else:
+            def body(step: int) -> tuple[dict[str, float], int]:
+                info = self._train_step(batches, step, opt, mode, stage)
+                after(1)
+                return info, 1
+
+        self._loop(stage, iters, body)
+
+    def _labelled_batches(self, stage: str) -> Batches | None:
+        """Batches from the labelled part of the training set for a scheduler's limited-label setting."""
+        fraction = float(getattr(self.scheduler, "label_fraction", 1.0))
+        target = getattr(self.scheduler, "target", None)
+        if fraction >= 1.0 or target is None:
+            return None
+        from torch.utils.data import Subset
+
+        train = self.datasets["train"]
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg["seed"]))
+        keep = max(1, int(round(fraction * len(train))))
+        labelled = Batches(Subset(train, order[:keep].tolist()), self.cfg["batch_size"], self.cfg["seed"] + 2, stage)
+        labelled.tasks = (target,)  # type: ignore[attr-defined]
+        return labelled
+
+    def _to_device(self, batch: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, targets = batch
+        return x.to(self.device), {k: v.to(self.device) for k, v in targets.items()}
+
+    def _forward(self, x: torch.Tensor, mode: str, tau: float = 1.0, generator: torch.Generator | None = None,
+                 tasks: Any = None, feature: bool = False) -> Any:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg["bf16"]):
+            return self.model.forward_all(x.to(self.device), mode=mode, tau=tau, generator=generator, tasks=tasks,
+                                          feature=feature)
+
 
     def _eval_mode(self) -> tuple[str, Policy | None]:
         policy = self.model.fixed_policy
@@ -262,12 +390,13 @@ class Trainer:
                     extra: Callable[[], torch.Tensor] | None = None, tau: float = 1.0) -> dict[str, float]:
         x, targets = batches.batch(step)
         gen = torch.Generator().manual_seed(step_seed(self.cfg["seed"], stage, step))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg["bf16"]):
-            outs = self.model.forward_all(x.to(self.device), mode=mode, tau=tau, generator=gen)
-        losses = self.losses({t: o.float() for t, o in outs.items()}, targets)
+        outs, z = self._forward(x, mode, tau, gen, feature=True)
+        losses = self.losses(outs, targets)
         self.check_finite(losses, stage, step)
         opt.zero_grad(set_to_none=True)
-        self.scheduler.backward(losses)
+        combiner = self.scheduler if stage in self.scheduler_stages and isinstance(self.scheduler, Combiner) else self.plain
+        params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        combiner.backward(losses, StepContext(params=params, feature=z))
         if extra is not None:
             extra().backward()
         opt.step()
@@ -275,8 +404,7 @@ class Trainer:
 
     def _stage_pretrain(self) -> None:
         batches = Batches(self.datasets["train"], self.cfg["batch_size"], self.cfg["seed"], "pretrain")
-        self._loop("pretrain", self.cfg["stages"]["pretrain"]["iters"],
-                   lambda step: self._train_step(batches, step, self.opts["pretrain"], "pretrain", "pretrain"))
+        self._run_network_stage("pretrain", self.cfg["stages"]["pretrain"]["iters"], "pretrain", batches)
 
     def _stage_policy(self) -> None:
         s = self.cfg["stages"]["policy"]
@@ -284,12 +412,14 @@ class Trainer:
         held = Batches(self.datasets["policy"], self.cfg["batch_size"], self.cfg["seed"] + 1, "policy")
         cycle = s["network_steps"] + s["policy_steps"]
 
-        def body(step: int) -> dict[str, float]:
+        self._prepare_scheduler("policy")
+
+        def body(step: int) -> tuple[dict[str, float], int]:
             tau = self.state["tau"]
             if step % cycle < s["network_steps"] or s["policy_steps"] == 0:
-                return self._train_step(train, step, self.opts["network"], "soft", "policy", tau=tau) | {"tau": tau}
+                return self._train_step(train, step, self.opts["network"], "soft", "policy", tau=tau) | {"tau": tau}, 1
             gen = torch.Generator().manual_seed(step_seed(self.cfg["seed"], "sample", step))
-            reg = lambda: s["reg_weight"] * sum(self.model.policy_regulariser(t, tau=tau, generator=gen)  # noqa: E731
+            reg = lambda: s["reg_weight"] * sum(self.model.policy_regulariser(t, tau=tau, generator=gen)
                                                 for t in self.tasks)
             network = self.model.network_parameters()
             for p in network:  # a policy step needs no weight gradients: skip computing them
@@ -302,7 +432,7 @@ class Trainer:
             self.state["policy_steps"] += 1
             if self.state["policy_steps"] % s["tau_every"] == 0:
                 self.state["tau"] = tau * s["tau_decay"]
-            return info | {"tau": tau}
+            return info | {"tau": tau}, 1
 
         self._loop("policy", s["iters"], body)
 
@@ -346,12 +476,11 @@ class Trainer:
                 self.model.set_policy(policy)
         batches = Batches(self.datasets["train"], self.cfg["batch_size"], self.cfg["seed"], "posttrain")
 
-        def body(step: int) -> dict[str, float]:
-            info = self._train_step(batches, step, self.opts["posttrain"], "fixed", "posttrain")
-            self.scheds["posttrain"].step()
-            return info
+        def lr_steps(count: int) -> None:
+            for _ in range(count):
+                self.scheds["posttrain"].step()
 
-        self._loop("posttrain", s["iters"], body)
+        self._run_network_stage("posttrain", s["iters"], "fixed", batches, after=lr_steps)
 
     # ------------------------------------------------------------ report
     def report(self) -> dict[str, Any]:

@@ -15,8 +15,9 @@ so that their moments are checkpointed too.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ class SpanContext:
     loss: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
     start: int
     steps: int
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     task_batch: Callable[[str, int], Batch] | None = None
     seed: Callable[[int], None] = lambda step: None
     check: Callable[[dict[str, torch.Tensor], int], None] = lambda losses, step: None
@@ -86,6 +87,10 @@ class Scheduler(nn.Module, ABC):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The scheduler's own optimisers by name (checkpointed with the trainer's)."""
         return {}
+
+    def prepare(self, params: list[nn.Parameter], feature_shape: tuple[int, ...] | None) -> None:
+        """Create per-stage state for training ``params`` (called once per stage, before a checkpoint's
+        scheduler state is restored); ``feature_shape`` is the shape of the common trunk's end, or None."""
 
 
 class Combiner(Scheduler):
