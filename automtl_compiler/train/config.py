@@ -18,6 +18,7 @@ from ..errors import AutomtlError, FileFormatError, require_file
 DEFAULTS: dict[str, Any] = {
     "backbone": "torchvision:resnet18",
     "input_size": [64, 64],
+    "output_stride": None,
     "feature_node": None,
     "dataset": {"name": "synthetic", "root": None, "options": {}},
     "tasks": {
@@ -170,6 +171,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
     size = cfg["input_size"]
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
         raise AutomtlError(f"config: 'input_size' must be [height, width], got {size!r}")
+    if cfg["output_stride"] is not None and (not isinstance(cfg["output_stride"], int)
+                                             or cfg["output_stride"] not in (4, 8, 16, 32)):
+        raise AutomtlError(f"config: 'output_stride' must be 8, 16 or 32 (or null), got {cfg['output_stride']!r}")
     if cfg["batch_size"] < 1:
         raise AutomtlError("config: 'batch_size' must be at least 1")
     return cfg

@@ -184,8 +184,11 @@ class Trainer:
         from ..frontends import load_backbone
 
         graph = load_backbone(self.cfg["backbone"], input_shape=(1, 3, h, w))
+        from ..passes.dilate import set_output_stride
         from ..passes.feature import find_feature_node
 
+        if self.cfg["output_stride"]:
+            graph = set_output_stride(graph, self.cfg["output_stride"])
         feature = self.cfg["feature_node"] or find_feature_node(graph)
         channels = graph.node(feature).shape[1]
         heads = {}

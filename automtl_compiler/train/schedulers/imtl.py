@@ -1,0 +1,330 @@
+"""IMTL: impartial multi-task learning (Liu et al., ICLR 2021), gradient, loss and hybrid forms."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ...errors import AutomtlError
+from .base import Combiner, StepContext
+
+METHODS = ("gradient", "loss", "hybrid")
+LEVELS = ("auto", "features", "params")
+#: eigenvalues of the unit-gradient Gram matrix below this fraction of the largest are treated as zero
+PINV_RTOL = 1e-10
+
+
+def _gram_weights(gram: torch.Tensor) -> torch.Tensor:
+    """IMTL-G weights from a float64 [T, T] Gram matrix of task gradients (see :class:`IMTL`)."""
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    live = norms > 0
+    inv_norms = torch.where(live, 1.0 / torch.where(live, norms, torch.ones_like(norms)), torch.zeros_like(norms))
+    cosines = gram * inv_norms[:, None] * inv_norms[None, :]
+    cosines = (cosines + cosines.T) / 2
+    ones = torch.ones_like(norms)
+    beta = torch.linalg.pinv(cosines, rtol=PINV_RTOL, hermitian=True) @ ones * inv_norms
+    total = beta.sum()
+    scale = beta.abs().sum()
+    if not bool(torch.isfinite(total)) or scale == 0 or total.abs() <= 1e-12 * scale:
+        return ones / len(ones)
+    return beta / total.abs()
+
+
+def imtl_weights(grads: torch.Tensor) -> torch.Tensor:
+    """IMTL-G weights α [T] (float64, on the device of ``grads``) of the rows of a [T, P] gradient matrix."""
+    if grads.dim() != 2 or grads.shape[0] == 0:
+        raise AutomtlError(f"IMTL needs a [T, P] matrix of task gradients with T >= 1, got shape {tuple(grads.shape)}")
+    with torch.no_grad():
+        g = grads.detach().to(torch.float64)
+        return _gram_weights(g @ g.T)
+
+
+def _leaves(roots: Iterable[torch.Tensor], stop: object | None = None) -> list[torch.Tensor]:
+    """The leaf tensors (trainable parameters) the autograd graphs of ``roots`` reach, in a fixed order.
+
+    The walk does not go past the autograd node ``stop`` (the producer of the shared feature).
+    """
+    found: list[torch.Tensor] = []
+    stack = []
+    for r in roots:
+        if r.grad_fn is not None:
+            stack.append(r.grad_fn)
+        elif r.requires_grad:
+            found.append(r)
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or node is stop:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None:
+            found.append(var)
+            continue
+        for child, _ in reversed(node.next_functions):
+            if child is not None and id(child) not in seen:
+                stack.append(child)
+    unique: dict[int, torch.Tensor] = {}
+    for t in found:
+        unique.setdefault(id(t), t)
+    return list(unique.values())
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """Add ``grad`` to ``param.grad`` (the trainer zeroes gradients before the step)."""
+    grad = grad.to(param.dtype)
+    param.grad = grad if param.grad is None else param.grad + grad
+
+
+class IMTL(Combiner):
+    """Impartial multi-task learning: Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021.
+
+    **IMTL-G** (``method="gradient"``) balances the *direction* of the update. With task gradients g_t
+    (rows of J, [T, P]), unit vectors u_t = g_t / ‖g_t‖, D = [g_1 − g_2; …; g_1 − g_T] and
+    U = [u_1 − u_2; …; u_1 − u_T], the paper's closed form is α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹, α_1 = 1 − Σ α_{2:T};
+    the update Σ_t α_t g_t then has the same projection on every u_t, so no task dominates however large its
+    gradient. The same α is ∝ G⁻¹ n with the Gram matrix G = J Jᵀ and n_t = ‖g_t‖ = √G_tt. It is computed in
+    float64 as α ∝ N⁻¹ C⁺ 1 with C = N⁻¹ G N⁻¹ the cosine matrix of the u_t (N = diag(n)) and C⁺ its
+    pseudo-inverse, which equals G⁻¹ n when J has full rank and stays finite when it has not (parallel task
+    gradients, a zero gradient, whose weight is 0); for any J the direction of the update is unchanged when
+    a row is multiplied by a positive number. α is a constant: no gradient flows through it.
+    One deviation from the paper: α is normalised to Σ α = 1 when that keeps the common projection positive,
+    else to Σ α = −1 (for some J the paper's normalisation makes the update an ascent direction for every
+    task); when the sum vanishes (all gradients zero) α is uniform.
+
+    **IMTL-L** (``method="loss"``) balances the *scale* of the losses: each L_t becomes e^{s_t} L_t − s_t with
+    a learnable s_t (zeros at first, ``log_scale``), whose gradient e^{s_t} L_t − 1 drives e^{s_t} L_t to 1.
+    s has its own Adam optimiser (learning rate ``loss_lr``), stepped inside :meth:`backward`; the network
+    gets the plain sum of the gradients of e^{s_t} L_t.
+
+    **Hybrid** (``method="hybrid"``, the default, the paper's full IMTL): α comes from IMTL-G on the
+    gradients of the scaled losses e^{s_t} L_t, and s is trained as in IMTL-L.
+
+    **Where α is computed** (``level``): ``features`` uses the gradients w.r.t. the tensor z all tasks share
+    (``StepContext.feature``, the paper's default): one backward per task through the task-specific part
+    only. As in the paper the z-gradients are summed over the batch dimension, so α comes from a
+    [T, numel(z) / batch] matrix; the trunk (every parameter z depends on) then gets the backward of
+    Σ_t α_t ∂L_t/∂z, and each parameter after z gets the sum of its (scaled) task gradients, i.e. its own
+    task's gradient when one task uses it. ``params`` uses the per-task gradients of every parameter the
+    step trains: a parameter reached by two tasks or more is shared and gets Σ_t α_t g_t with α from the
+    concatenated shared-parameter gradients; a parameter one task reaches gets that task's gradient (with
+    no shared parameter, e.g. per-task policy logits, the step is the plain sum in one backward).
+    ``auto`` is ``features`` when the step has a z and ``params`` otherwise; without a ``StepContext``
+    every trainable tensor the losses reach is a parameter of the ``params`` level. When z does not require
+    gradients (a frozen trunk) the ``params`` level is used. A parameter used both before and after z (tied
+    weights) is treated as trunk and gets only the trunk's gradient.
+
+    Hyper-parameters: ``method`` (above), ``level`` (above), ``loss_lr`` (Adam learning rate of s).
+    """
+
+    def __init__(self, tasks: list[str], method: str = "hybrid", level: str = "auto", loss_lr: float = 1e-3) -> None:
+        super().__init__(tasks)
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise AutomtlError(f"scheduler 'imtl' needs distinct task names, got {self.tasks}")
+        if method not in METHODS:
+            raise AutomtlError(f"scheduler 'imtl': unknown method '{method}'; use one of {', '.join(METHODS)}")
+        if level not in LEVELS:
+            raise AutomtlError(f"scheduler 'imtl': unknown level '{level}'; use one of {', '.join(LEVELS)}")
+        if not isinstance(loss_lr, (int, float)) or not loss_lr > 0:
+            raise AutomtlError(f"scheduler 'imtl': loss_lr must be a positive number, got {loss_lr!r}")
+        self.method = method
+        self.level = level
+        self.loss_lr = float(loss_lr)
+        self.log_scale: nn.Parameter | None = None
+        self._scale_opt: torch.optim.Optimizer | None = None
+        if method != "gradient":
+            self.log_scale = nn.Parameter(torch.zeros(len(self.tasks)))
+            self._scale_opt = torch.optim.Adam([self.log_scale], lr=self.loss_lr)
+        #: α of the last step over ``self.tasks`` (None when the step needed none), for logs and tests
+        self.last_weights: torch.Tensor | None = None
+        #: gradient of s used by the last step (before the optimiser step), for logs and tests
+        self.last_scale_grad: torch.Tensor | None = None
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """IMTL-L's Adam over the loss scales s (none for IMTL-G)."""
+        return {"imtl_loss_scale": self._scale_opt} if self._scale_opt is not None else {}
+
+    # ------------------------------------------------------------ matrix form
+    def weights(self, grads: torch.Tensor) -> torch.Tensor:
+        """IMTL-G weights α [T] of the rows of ``grads`` [T, P] as given (sum 1, in the dtype of ``grads``)."""
+        return imtl_weights(grads).to(grads.dtype)
+
+    def scales(self) -> torch.Tensor:
+        """The current loss scales e^{s_t} [T] (ones for IMTL-G), detached."""
+        if self.log_scale is None:
+            return torch.ones(len(self.tasks))
+        return self.log_scale.detach().exp()
+
+    def combine(self, grads: torch.Tensor) -> torch.Tensor:
+        """What a shared parameter gets from the raw task gradients ``grads`` [T, P] (rows in task order).
+
+        ``gradient``: Σ α_t g_t; ``loss``: Σ e^{s_t} g_t; ``hybrid``: Σ α_t e^{s_t} g_t with α from the
+        scaled rows e^{s_t} g_t.
+        """
+        if grads.dim() != 2 or grads.shape[0] != len(self.tasks):
+            raise AutomtlError(f"IMTL.combine needs a [{len(self.tasks)}, P] matrix (one row per task), got shape "
+                               f"{tuple(grads.shape)}")
+        scaled = grads * self.scales().to(device=grads.device, dtype=grads.dtype)[:, None]
+        if self.method == "loss":
+            return scaled.sum(0)
+        return (self.weights(scaled)[:, None] * scaled).sum(0)
+
+    # ------------------------------------------------------------ training step
+    def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
+        """Fill the gradients of the step's parameters (see the class docstring); step s for IMTL-L/hybrid.
+
+        Returns Σ_t w_t L'_t detached, with L'_t the objective of task t (e^{s_t} L_t − s_t, or L_t for
+        IMTL-G) and w = α when the step computed one, else 1.
+        """
+        names = self._check_losses(losses)
+        index = [self.tasks.index(t) for t in names]
+        raw = [losses[t] for t in names]
+        device = raw[0].device
+        if self.log_scale is not None:
+            s = self.log_scale.detach()[index].to(device)
+            factors = s.exp()
+        else:
+            s = torch.zeros(len(names), device=device)
+            factors = torch.ones(len(names), device=device)
+        level = self._resolve_level(ctx)
+        if self.method == "loss":
+            self._backward_sum(raw, factors, ctx)
+            alpha = None
+        elif level == "features":
+            alpha = self._backward_features(raw, factors, ctx)  # type: ignore[arg-type]
+        else:
+            alpha = self._backward_params(raw, factors, ctx)
+        self.last_weights = self._full(alpha, index) if alpha is not None else None
+        values = torch.stack([loss.detach().reshape(()).to(factors.dtype) for loss in raw])
+        objective = values * factors - s if self.log_scale is not None else values
+        if self.log_scale is not None:
+            grad = torch.zeros_like(self.log_scale)
+            grad[index] = (factors * values - 1).to(grad.device, grad.dtype)
+            self.log_scale.grad = grad
+            self.last_scale_grad = grad.clone()
+            self._scale_opt.step()  # type: ignore[union-attr]
+        w = alpha.to(objective.dtype) if alpha is not None else torch.ones_like(objective)
+        return (w * objective).sum()
+
+    def _check_losses(self, losses: dict[str, torch.Tensor]) -> list[str]:
+        if not isinstance(losses, dict) or not losses:
+            raise AutomtlError("IMTL.backward needs a non-empty dict of task -> scalar loss")
+        unknown = sorted(set(losses) - set(self.tasks))
+        if unknown:
+            raise AutomtlError(f"IMTL: losses for unknown task(s) {unknown}; the scheduler's tasks are {self.tasks}")
+        for t, v in losses.items():
+            if not isinstance(v, torch.Tensor) or v.numel() != 1:
+                raise AutomtlError(f"IMTL: the loss of task '{t}' must be a scalar tensor")
+        return [t for t in self.tasks if t in losses]
+
+    def _resolve_level(self, ctx: StepContext | None) -> str:
+        feature = ctx.feature if ctx is not None else None
+        if self.level == "features" and feature is None:
+            raise AutomtlError("scheduler 'imtl' with level 'features' needs the tensor all tasks share (the end of "
+                               "the common trunk), but this step has none (soft or pretrain mode, or a policy "
+                               "without a common trunk); use level 'params' (or 'auto'), or a model/stage with a "
+                               "common trunk")
+        if self.level == "params" or feature is None or not feature.requires_grad:
+            return "params"
+        return "features"
+
+    def _full(self, alpha: torch.Tensor, index: list[int]) -> torch.Tensor:
+        full = torch.zeros(len(self.tasks), dtype=alpha.dtype, device=alpha.device)
+        full[index] = alpha
+        return full
+
+    @staticmethod
+    def _trainable(ctx: StepContext | None, losses: list[torch.Tensor]) -> list[torch.Tensor]:
+        if ctx is None:
+            return _leaves(losses)
+        return [p for p in ctx.params if p.requires_grad]
+
+    def _backward_sum(self, losses: list[torch.Tensor], factors: torch.Tensor, ctx: StepContext | None) -> None:
+        """One backward of Σ_t f_t L_t into the step's parameters."""
+        terms = [f * loss.reshape(()) for f, loss in zip(factors, losses) if loss.requires_grad]
+        if not terms:
+            return
+        total = torch.stack(terms).sum()
+        if ctx is None:
+            total.backward()
+            return
+        reached = {id(p) for p in _leaves([total])}
+        inputs = [p for p in self._trainable(ctx, losses) if id(p) in reached]
+        if inputs:
+            total.backward(inputs=inputs)
+
+    def _backward_params(self, losses: list[torch.Tensor], factors: torch.Tensor,
+                         ctx: StepContext | None) -> torch.Tensor | None:
+        """Params level: α from the gradients of the parameters two tasks or more reach."""
+        params = self._trainable(ctx, losses)
+        ids = {id(p) for p in params}
+        reach = [{id(p) for p in _leaves([loss])} & ids for loss in losses]
+        users: dict[int, int] = {}
+        for r in reach:
+            for i in r:
+                users[i] = users.get(i, 0) + 1
+        shared = [p for p in params if users.get(id(p), 0) >= 2]
+        if not shared:
+            self._backward_sum(losses, factors, ctx)
+            return None
+        per_task: list[dict[int, torch.Tensor]] = []
+        for loss, r, f in zip(losses, reach, factors):
+            inputs = [p for p in params if id(p) in r]
+            grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True) if inputs else ()
+            per_task.append({id(p): g * f.to(g.dtype) for p, g in zip(inputs, grads) if g is not None})
+        device = shared[0].device
+        gram = torch.zeros(len(losses), len(losses), dtype=torch.float64, device=device)
+        for p in shared:
+            block = torch.stack([(g[id(p)] if id(p) in g else torch.zeros_like(p)).reshape(-1).to(torch.float64)
+                                 for g in per_task])
+            gram += block @ block.T
+        alpha = _gram_weights(gram)
+        shared_ids = {id(p) for p in shared}
+        for p in params:
+            parts = [(t, g[id(p)]) for t, g in enumerate(per_task) if id(p) in g]
+            if not parts:
+                continue
+            if id(p) in shared_ids:
+                total = sum(alpha[t].to(device=g.device, dtype=g.dtype) * g for t, g in parts)
+            else:
+                total = sum(g for _, g in parts)
+            _accumulate(p, total)  # type: ignore[arg-type]
+        return alpha
+
+    def _backward_features(self, losses: list[torch.Tensor], factors: torch.Tensor,
+                           ctx: StepContext) -> torch.Tensor:
+        """Features level: α from the batch-summed gradients w.r.t. the shared tensor z."""
+        z = ctx.feature
+        assert z is not None
+        params = self._trainable(ctx, losses)
+        trunk_ids = {id(p) for p in _leaves([z])}
+        trunk = [p for p in params if id(p) in trunk_ids]
+        after = [p for p in params if id(p) not in trunk_ids]
+        after_ids = {id(p) for p in after}
+        stop = z.grad_fn
+        z_grads: list[torch.Tensor] = []
+        own: dict[int, list[torch.Tensor]] = {}
+        for loss, f in zip(losses, factors):
+            reached = {id(p) for p in _leaves([loss], stop=stop)} & after_ids
+            inputs = [p for p in after if id(p) in reached]
+            if loss.requires_grad:
+                grads = torch.autograd.grad(loss, [z, *inputs], retain_graph=True, allow_unused=True)
+            else:
+                grads = (None,) * (1 + len(inputs))
+            gz = grads[0]
+            z_grads.append((gz * f.to(gz.dtype)) if gz is not None else torch.zeros_like(z))
+            for p, g in zip(inputs, grads[1:]):
+                if g is not None:
+                    own.setdefault(id(p), []).append(g * f.to(g.dtype))
+        stacked = torch.stack(z_grads)
+        rows = stacked.sum(1) if z.dim() > 0 else stacked
+        alpha = imtl_weights(rows.reshape(len(losses), -1))
+        combined = (alpha.to(device=stacked.device, dtype=stacked.dtype).reshape(-1, *([1] * z.dim())) * stacked).sum(0)
+        if trunk:
+            z.backward(combined, inputs=trunk)
+        for p in after:
+            if id(p) in own:
+                _accumulate(p, sum(own[id(p)]))  # type: ignore[arg-type]
+        return alpha

@@ -1,0 +1,336 @@
+"""TMT: Task Meta-Transfer (Jian, Ahmed, Torresani, "Task Meta-Transfer from Limited Parallel Labels",
+4th Meta-Learning workshop at NeurIPS 2020).
+
+A learned controller rewrites the auxiliary tasks' gradients at the end of the shared trunk so that an
+update driven by them helps the target task; the controller is meta-learned through a one-step look-ahead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import AutomtlError
+from .base import Batch, MetaScheduler, SpanContext
+
+CONTROLLERS = ("diag", "full", "rank")
+
+NO_TRUNK = ("TMT needs a trunk all tasks share (it rewrites auxiliary gradients at its end): use it in "
+            "post-train with a policy that shares at least the first units among all tasks, or the "
+            "all-share baseline")
+
+
+class Controller(nn.Module):
+    """P_φ: maps a gradient g w.r.t. a [B, C, ...] feature map to g', one C -> C map applied at every position.
+
+    * ``diag``: g' = d ⊙ g, d ∈ R^C initialised to 1 + N(0, noise²);
+    * ``full``: g' = M g, M ∈ R^{C×C} initialised to I + N(0, noise²);
+    * ``rank``: g' = d ⊙ g + U Uᵀ g, d as for diag and U ∈ R^{C×rank} initialised to N(0, noise²).
+
+    All three start near the identity, so TMT starts as plain multi-task training.
+    """
+
+    def __init__(self, kind: str, channels: int, rank: int = 5, noise: float = 0.02,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if kind not in CONTROLLERS:
+            raise AutomtlError(f"unknown TMT controller '{kind}'; use one of {', '.join(CONTROLLERS)}")
+        self.kind, self.channels, self.rank = kind, int(channels), int(rank)
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator) * noise
+
+        if kind == "full":
+            self.m = nn.Parameter(torch.eye(channels) + randn(channels, channels))
+        else:
+            self.d = nn.Parameter(1.0 + randn(channels))
+        if kind == "rank":
+            self.u = nn.Parameter(randn(channels, rank))
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        """g' for a gradient ``g`` with channels on dim 1."""
+        if g.dim() < 2 or g.shape[1] != self.channels:
+            raise AutomtlError(f"TMT controller expects a [B, {self.channels}, ...] gradient, got {list(g.shape)}")
+        if self.kind == "diag":
+            return g * self.d.view(1, -1, *([1] * (g.dim() - 2)))
+        h = g.movedim(1, -1)
+        if self.kind == "full":
+            out = F.linear(h, self.m)
+        else:
+            out = h * self.d + F.linear(F.linear(h, self.u.t()), self.u)
+        return out.movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, channels={self.channels}" + (f", rank={self.rank}" if self.kind == "rank" else "")
+
+
+class _Bound(nn.Module):
+    """Holds ``model`` as a child so that torch.func.functional_call can reparametrise it under ``fn``."""
+
+    def __init__(self, model: nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+def call_with(model: nn.Module, tensors: dict[str, torch.Tensor], fn: Callable[..., Any], *args: Any,
+              **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with the tensors of ``model`` named in ``tensors`` replaced by those values.
+
+    ``fn`` is any function that runs ``model``'s modules (e.g. the stage's forward, which runs generated fx
+    code sharing the model's submodule objects); the swap is done on those module objects by
+    torch.func.functional_call, so autograd flows into the given tensors and the model is left unchanged.
+    """
+    return torch.func.functional_call(_Bound(model, fn), {f"model.{k}": v for k, v in tensors.items()},
+                                      args, kwargs)
+
+
+def trunk_parameters(z: torch.Tensor, params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters of ``params`` that ``z`` depends on (found by walking its autograd graph)."""
+    leaves: set[int] = set()
+    seen: set[Any] = set()
+    stack = [z.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            leaves.add(id(var))
+        stack.extend(f for f, _ in fn.next_functions)
+    return [p for p in params if id(p) in leaves and p.requires_grad]
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    x, targets = batch
+    return x.to(device), {k: v.to(device) for k, v in targets.items()}
+
+
+class TMT(MetaScheduler):
+    """Task Meta-Transfer: auxiliary gradients at the trunk's end pass through a meta-learned controller.
+
+    Notation: z = f_Θ(x) is the end of the trunk all tasks share (``forward(feature=True)``), Θ the
+    parameters z depends on, g_A = ∂L_A/∂z the gradient of auxiliary task A, P_A a :class:`Controller`
+    (one per auxiliary task, so that each auxiliary task's transfer is learned separately - depth and normals
+    need not help segmentation in the same channels) and P the target task.
+
+    **Network update** (every step s, one step of the stage optimiser): the trunk gets
+    ∂L_P/∂Θ + Σ_A (∂z/∂Θ)ᵀ P_A(g_A); every parameter after z gets the plain gradient of the losses that use
+    it (auxiliary heads on L_A, the target's head on L_P). With identity controllers this is plain training
+    on L_P + Σ_A L_A.
+
+    **Meta update** (when s % update_freq == 0, before the network update, which then uses the new φ):
+    Θ⁺(φ) = Θ − lr · ∂⟨z, Σ_A P_A(g_A)⟩/∂Θ (an SGD look-ahead through z's graph with create_graph, g_A held
+    fixed), then φ takes one Adam step on L_P(f_{Θ⁺(φ)}(x_P)), second-order through Θ⁺. The look-ahead
+    forward runs the stage's forward under torch.func.functional_call with Θ⁺ swapped in and on copies of
+    the buffers, so batch-norm running statistics are not touched by it.
+
+    **Batches of step s**: z, g_A (and L_P when ``label_fraction`` is 1) come from ``batch(s)``; the meta
+    objective uses x_P = ``batch_for(target, s)``. With ``label_fraction`` < 1 (the paper's limited-label
+    setting: target labels on that fraction of the training set, served by the trainer through
+    ``batch_for``) the target labels of ``batch(s)`` are never read: the network update's L_P also comes from
+    ``batch_for(target, s)``, fetched once per step. (The authors' code computes g_A on the labelled batch
+    too; here the look-ahead is driven by the ordinary batch and judged on the labelled one.) The schedule
+    depends only on the step index, so a resumed run repeats an uninterrupted one.
+
+    Hyper-parameters: ``controller`` diag | full | rank (default rank, ``rank`` 5 columns); ``update_freq``
+    steps between meta updates; ``lr`` the look-ahead step size (default: the stage optimiser's current lr);
+    ``controller_lr`` / ``controller_weight_decay`` the controllers' Adam (paper: 1e-3 / 1e-5);
+    ``noise`` the std of the controllers' initial perturbation (0.02); ``span`` steps per ``run_span``.
+    """
+
+    needs_feature = True
+    stages = ("posttrain",)
+
+    def __init__(self, tasks: list[str], target: str, span: int = 1, controller: str = "rank", rank: int = 5,
+                 update_freq: int = 1, lr: float | None = None, controller_lr: float = 1e-3,
+                 controller_weight_decay: float = 1e-5, label_fraction: float = 1.0, noise: float = 0.02) -> None:
+        tasks = list(tasks)
+        if target not in tasks:
+            raise AutomtlError(f"scheduler 'tmt': target '{target}' is not one of the tasks {tasks}")
+        if len(tasks) < 2:
+            raise AutomtlError(f"scheduler 'tmt' needs at least one auxiliary task besides the target '{target}'")
+        if controller not in CONTROLLERS:
+            raise AutomtlError(f"scheduler 'tmt': unknown controller '{controller}'; use one of "
+                               f"{', '.join(CONTROLLERS)}")
+        checks = [("span", span, span >= 1 and int(span) == span, "an integer >= 1"),
+                  ("rank", rank, rank >= 1 and int(rank) == rank, "an integer >= 1"),
+                  ("update_freq", update_freq, update_freq >= 1 and int(update_freq) == update_freq,
+                   "an integer >= 1"),
+                  ("lr", lr, lr is None or lr > 0, "positive (or None for the stage optimiser's lr)"),
+                  ("controller_lr", controller_lr, controller_lr > 0, "positive"),
+                  ("controller_weight_decay", controller_weight_decay, controller_weight_decay >= 0, ">= 0"),
+                  ("label_fraction", label_fraction, 0 < label_fraction <= 1, "in (0, 1]"),
+                  ("noise", noise, noise >= 0, ">= 0")]
+        for name, value, ok, want in checks:
+            if not ok:
+                raise AutomtlError(f"scheduler 'tmt': {name} must be {want}, got {value}")
+        super().__init__(tasks, int(span))
+        self.target = target
+        self.auxiliary = [t for t in tasks if t != target]
+        self.controller_kind = controller
+        self.rank = int(rank)
+        self.update_freq = int(update_freq)
+        self.lr = None if lr is None else float(lr)
+        self.controller_lr = float(controller_lr)
+        self.controller_weight_decay = float(controller_weight_decay)
+        self.label_fraction = float(label_fraction)
+        self.noise = float(noise)
+        self.controllers = nn.ModuleDict()
+        self.channels: int | None = None
+        self._opt: torch.optim.Adam | None = None
+
+    # ------------------------------------------------------------ set-up
+    def check_model(self, feature_available: bool, stage: str) -> str | None:
+        if stage not in self.stages:
+            return f"TMT runs in post-train only (it meta-learns on a fixed architecture), not in {stage}"
+        return None if feature_available else NO_TRUNK
+
+    def prepare(self, params: list[nn.Parameter], feature_shape: tuple[int, ...] | None) -> None:
+        """Create one controller per auxiliary task for a trunk end of ``feature_shape`` and their Adam.
+
+        Called by the trainer before a stage's spans and before it restores checkpointed scheduler state;
+        a second call with the same channel count, device and dtype keeps the existing controllers.
+        """
+        if feature_shape is None:
+            raise AutomtlError(NO_TRUNK)
+        if len(feature_shape) < 2 or int(feature_shape[1]) < 1:
+            raise AutomtlError(f"TMT needs a [B, C, ...] trunk feature, got shape {list(feature_shape)}")
+        channels = int(feature_shape[1])
+        ref = next((p for p in params if p.is_floating_point()), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        if self._opt is not None and self.channels == channels:
+            first = next(self.controllers.parameters())
+            if first.device == device and first.dtype == dtype:
+                return
+        self.channels = channels
+        self.controllers = nn.ModuleDict({
+            t: Controller(self.controller_kind, channels, self.rank, self.noise,
+                          torch.Generator().manual_seed(i)).to(device=device, dtype=dtype)
+            for i, t in enumerate(self.auxiliary)})
+        self._opt = torch.optim.Adam(self.controllers.parameters(), lr=self.controller_lr,
+                                     weight_decay=self.controller_weight_decay)
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"tmt_controller": self._opt} if self._opt is not None else {}
+
+    # ------------------------------------------------------------ training
+    def run_span(self, ctx: SpanContext) -> dict[str, float]:
+        """Train steps ``ctx.start .. ctx.start + ctx.steps - 1`` (see the class docstring for one step)."""
+        if self._opt is None:
+            raise RuntimeError("TMT.prepare(params, feature_shape) must be called before run_span")
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for step in range(ctx.start, ctx.start + ctx.steps):
+            for k, v in self._step(ctx, step).items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+        return {k: sums[k] / counts[k] for k in sums}
+
+    def transform(self, aux_grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ_A P_A(g_A) for auxiliary task -> ∂L_A/∂z (differentiable in the controllers)."""
+        out = None
+        for t, g in aux_grads.items():
+            ctl = self.controllers[t]
+            dtype = next(ctl.parameters()).dtype
+            v = ctl(g.to(dtype)).to(g.dtype)
+            out = v if out is None else out + v
+        assert out is not None
+        return out
+
+    def _step(self, ctx: SpanContext, step: int) -> dict[str, float]:
+        limited = self.label_fraction < 1
+        meta = step % self.update_freq == 0
+        ctx.seed(step)
+        x, targets = _to(ctx.batch(step), ctx.device)
+        outputs, z = ctx.forward(x, tasks=list(self.tasks), feature=True)
+        if z is None:
+            raise AutomtlError(NO_TRUNK)
+        if z.shape[1] != self.channels:
+            raise AutomtlError(f"TMT was prepared for a {self.channels}-channel trunk feature but the forward "
+                               f"returned {list(z.shape)}; call prepare with the stage's feature shape")
+        used = self.auxiliary if limited else self.tasks
+        losses = ctx.loss({t: outputs[t] for t in used}, targets)
+        ctx.check(losses, step)
+        trunk = trunk_parameters(z, ctx.params)
+        trunk_ids = {id(p) for p in trunk}
+        after = [p for p in ctx.params if p.requires_grad and id(p) not in trunk_ids]
+        grads: dict[int, torch.Tensor] = {}
+
+        def add(ps: list[nn.Parameter], gs: tuple[torch.Tensor | None, ...]) -> None:
+            for p, g in zip(ps, gs):
+                if g is not None:
+                    grads[id(p)] = grads[id(p)] + g if id(p) in grads else g
+
+        feature_grads: dict[str, torch.Tensor] = {}
+        for t in used:
+            gz, *gh = torch.autograd.grad(losses[t], [z, *after], retain_graph=True, allow_unused=True)
+            feature_grads[t] = torch.zeros_like(z) if gz is None else gz.detach()
+            add(after, tuple(gh))
+        labelled = _to(ctx.batch_for(self.target, step), ctx.device) if limited or meta else None
+        info = {t: float(losses[t].detach()) for t in used}
+        aux_grads = {t: feature_grads[t] for t in self.auxiliary}
+        if meta and trunk:
+            assert labelled is not None
+            info["tmt_lookahead"] = self._meta_update(ctx, step, z, aux_grads, trunk, labelled)
+        if limited:
+            assert labelled is not None
+            ctx.seed(step)
+            xp, yp = labelled
+            lp = ctx.loss(ctx.forward(xp, tasks=[self.target]), yp)
+            ctx.check(lp, step)
+            info[self.target] = float(lp[self.target].detach())
+            trainable = [p for p in ctx.params if p.requires_grad]
+            add(trainable, torch.autograd.grad(lp[self.target], trainable, allow_unused=True))
+        with torch.no_grad():
+            feature = self.transform(aux_grads)
+            if not limited:
+                feature = feature + feature_grads[self.target]
+        if trunk:
+            add(trunk, torch.autograd.grad(z, trunk, grad_outputs=feature))
+        ctx.optimizer.zero_grad(set_to_none=True)
+        for p in ctx.params:
+            if id(p) in grads:
+                p.grad = grads[id(p)]
+        ctx.optimizer.step()
+        return info
+
+    def _lookahead_lr(self, ctx: SpanContext, trunk: list[nn.Parameter]) -> float:
+        if self.lr is not None:
+            return self.lr
+        first = id(trunk[0])
+        for group in ctx.optimizer.param_groups:
+            if any(id(p) == first for p in group["params"]):
+                return float(group["lr"])
+        return float(ctx.optimizer.param_groups[0]["lr"])
+
+    def _meta_update(self, ctx: SpanContext, step: int, z: torch.Tensor, aux_grads: dict[str, torch.Tensor],
+                     trunk: list[nn.Parameter], labelled: Batch) -> float:
+        """One Adam step of the controllers on L_P at the look-ahead Θ⁺(φ); returns that loss."""
+        assert self._opt is not None
+        lr = self._lookahead_lr(ctx, trunk)
+        steer = torch.autograd.grad(z, trunk, grad_outputs=self.transform(aux_grads), retain_graph=True,
+                                    create_graph=True)
+        names = {id(p): n for n, p in ctx.model.named_parameters()}
+        tensors: dict[str, torch.Tensor] = {n: b.clone() for n, b in ctx.model.named_buffers()}
+        tensors.update({names[id(p)]: p - lr * g for p, g in zip(trunk, steer)})
+        ctx.seed(step)
+        xp, yp = labelled
+        outputs = call_with(ctx.model, tensors, ctx.forward, xp, tasks=[self.target])
+        loss = ctx.loss(outputs, yp)
+        ctx.check(loss, step)
+        phi = list(self.controllers.parameters())
+        grads = torch.autograd.grad(loss[self.target], phi, retain_graph=True, allow_unused=True)
+        self._opt.zero_grad(set_to_none=True)
+        for p, g in zip(phi, grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+        self._opt.step()
+        return float(loss[self.target].detach())
