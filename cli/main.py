@@ -355,5 +355,33 @@ def train(config: str | None, out: str, overrides: tuple[str, ...], baseline: st
     click.echo(f"wrote {Path(out) / 'report.json'}")
 
 
+@main.command(name="run")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--out", "out", default=None, type=click.Path(file_okay=False),
+              help="Run directory (default: runs/run-<date>-<time>).")
+@click.option("--quick", is_flag=True, help="Every step with fewer iterations (a couple of minutes on a laptop CPU).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key (dotted), e.g. --set stages.pretrain.iters=10. Repeatable.")
+@click.option("--no-references", is_flag=True, help="Do not train the single-task references (no Δm).")
+@click.option("--overwrite", is_flag=True, help="Replace whatever run is in --out.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def run(config: str | None, out: str | None, quick: bool, overrides: tuple[str, ...], no_references: bool,
+        overwrite: bool, quiet: bool) -> None:
+    """Backbone to verified ONNX in one command: train, sample, prune, export, benchmark.
+
+    CONFIG is a YAML training config (default: the built-in one - ResNet-18 and three dense tasks on the
+    synthetic scenes). Run again with the same arguments, it resumes where it stopped.
+    """
+    import time
+
+    from automtl_compiler.pipeline import run as run_pipeline
+    from automtl_compiler.pipeline import summary
+
+    out = out or str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"))
+    report = run_pipeline(config, out, quick=quick, overrides=list(overrides), references=not no_references,
+                          overwrite=overwrite, progress=not quiet)
+    click.echo(summary(report))
+
+
 if __name__ == "__main__":
     main()

@@ -81,6 +81,11 @@ def _check_type(value: Any, default: Any, path: str) -> Any:
         if value < 0:
             raise AutomtlError(f"config: '{path}' must not be negative, got {value}")
     elif isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise AutomtlError(f"config: '{path}' must be a number, got {value!r}")
         return float(value)

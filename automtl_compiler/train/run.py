@@ -102,18 +102,33 @@ def train(config: str | Path | None, overrides: list[str], out: str | Path, *, r
     types = make_task_types(cfg, datasets["train"])
     if baseline is None:
         return Trainer(cfg, out, datasets=datasets, task_types=types, progress=progress).run()
+    if baseline == "all-share":
+        return Trainer(reference_budget(cfg), out, datasets=datasets, task_types=types, progress=progress,
+                       baseline=True).run()
+    return train_single_task_references(cfg, out, datasets=datasets, task_types=types, progress=progress)
+
+
+def reference_budget(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config of a reference: one post-train run with as many steps as all stages of ``cfg`` together."""
     budget = copy.deepcopy(cfg)
     budget["stages"]["posttrain"]["iters"] = sum(cfg["stages"][s]["iters"] for s in ("pretrain", "policy", "posttrain"))
     budget["baselines"] = None
-    if baseline == "all-share":
-        return Trainer(budget, out, datasets=datasets, task_types=types, progress=progress, baseline=True).run()
+    return budget
+
+
+def train_single_task_references(cfg: dict[str, Any], out: Path, *, datasets: dict[str, Any],
+                                 task_types: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """One backbone + head per task (in ``out/<task>``), each with the multi-task run's step budget; the
+    merged ``out/report.json`` is what ``baselines:`` reads. A killed run resumes task by task."""
+    budget = reference_budget(cfg)
+    budget["scheduler"] = {"name": "sum"}  # one task: nothing to schedule
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     reports = {}
     for task in cfg["tasks"]:
         one = copy.deepcopy(budget)
         one["tasks"] = {task: cfg["tasks"][task]}
-        reports[task] = Trainer(one, out / task, datasets=datasets, task_types={task: types[task]},
+        reports[task] = Trainer(one, out / task, datasets=datasets, task_types={task: task_types[task]},
                                 progress=progress, baseline=True).run()
     merged = {"tasks": {t: r["tasks"][t] for t, r in reports.items()},
               "parameters": {"single_task_total": sum(r["parameters"]["compact"] for r in reports.values())}}

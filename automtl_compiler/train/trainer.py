@@ -140,7 +140,8 @@ class Trainer:
             read_baseline(Path(cfg["baselines"]), self.tasks)  # fail now, not after training
         self.model = self._build().to(self.device)
         self.state: dict[str, Any] = {"stage": "pretrain", "step": 0, "tau": cfg["stages"]["policy"]["tau"],
-                                      "policy_steps": 0, "policy": None, "done": False}
+                                      "policy_steps": 0, "policy": None, "done": False,
+                                      "scheduler_stage": None}
         if baseline:  # a reference: every unit shared, trained with post-train settings for the whole budget
             share = Policy({t: {u: "share" for u in self.model.unit_names} for t in self.tasks})
             self.model.set_policy(share)
@@ -262,7 +263,8 @@ class Trainer:
             saved = peek_state(ckpt) or {}
             if saved.get("policy"):
                 self.model.set_policy(Policy.from_json(saved["policy"]))
-            self._prepare_scheduler(saved.get("stage", "pretrain"))
+            if saved.get("scheduler_stage"):  # the scheduler's state in the checkpoint is that of this stage
+                self._prepare_scheduler(saved["scheduler_stage"])
             opts = dict(self.opts) | {f"scheduler/{k}": v for k, v in self.scheduler.optimizers().items()}
             self.state = load_checkpoint(ckpt, self.model, opts, self.scheds, modules={"scheduler": self.scheduler})
         self.model.train()
@@ -306,7 +308,7 @@ class Trainer:
             shape = tuple(self.model.mt.graph.node(end).shape) if end is not None else None
         self.scheduler.to(self.device)
         self.scheduler.prepare(self._stage_params(stage), shape)
-        self._prepared = stage
+        self._prepared = self.state["scheduler_stage"] = stage
 
     def _loop(self, stage: str, iters: int, body: Callable[[int], tuple[dict[str, float], int]]) -> None:
         """Run ``body(step)`` until ``iters`` steps are done; a body returns its log and how many steps it ran."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -148,7 +148,7 @@ class IMTL(Combiner):
 
     # ------------------------------------------------------------ matrix form
     def weights(self, grads: torch.Tensor) -> torch.Tensor:
-        """IMTL-G weights α [T] of the rows of ``grads`` [T, P] as given (sum 1, in the dtype of ``grads``)."""
+        """IMTL-G weights α [T] of the rows of ``grads`` [T, P] as given (|Σ α| = 1, in the dtype of ``grads``)."""
         return imtl_weights(grads).to(grads.dtype)
 
     def scales(self) -> torch.Tensor:
@@ -176,7 +176,8 @@ class IMTL(Combiner):
         """Fill the gradients of the step's parameters (see the class docstring); step s for IMTL-L/hybrid.
 
         Returns Σ_t w_t L'_t detached, with L'_t the objective of task t (e^{s_t} L_t − s_t, or L_t for
-        IMTL-G) and w = α when the step computed one, else 1.
+        IMTL-G) and w = α when the step computed one, else 1. Tasks missing from ``losses`` get a zero
+        s-gradient.
         """
         names = self._check_losses(losses)
         index = [self.tasks.index(t) for t in names]
@@ -205,7 +206,7 @@ class IMTL(Combiner):
             self.log_scale.grad = grad
             self.last_scale_grad = grad.clone()
             self._scale_opt.step()  # type: ignore[union-attr]
-        w = alpha.to(objective.dtype) if alpha is not None else torch.ones_like(objective)
+        w = alpha.to(objective.device, objective.dtype) if alpha is not None else torch.ones_like(objective)
         return (w * objective).sum()
 
     def _check_losses(self, losses: dict[str, torch.Tensor]) -> list[str]:
@@ -257,36 +258,45 @@ class IMTL(Combiner):
 
     def _backward_params(self, losses: list[torch.Tensor], factors: torch.Tensor,
                          ctx: StepContext | None) -> torch.Tensor | None:
-        """Params level: α from the gradients of the parameters two tasks or more reach."""
+        """Params level: α from the gradients of the parameters that two tasks or more train.
+
+        The autograd graph says which parameters each task reaches; with none reached by two tasks the step
+        is one backward of the sum. Otherwise each task gets one gradient pass, and a parameter counts as
+        shared when two tasks give it a non-zero gradient (a task that reaches a parameter only through a
+        stack of per-task tensors, like the soft-mode gates, gives it exact zeros).
+        """
         params = self._trainable(ctx, losses)
         ids = {id(p) for p in params}
         reach = [{id(p) for p in _leaves([loss])} & ids for loss in losses]
-        users: dict[int, int] = {}
-        for r in reach:
-            for i in r:
-                users[i] = users.get(i, 0) + 1
-        shared = [p for p in params if users.get(id(p), 0) >= 2]
-        if not shared:
+        if not any(a & b for i, a in enumerate(reach) for b in reach[i + 1:]):
             self._backward_sum(losses, factors, ctx)
             return None
         per_task: list[dict[int, torch.Tensor]] = []
+        users: dict[int, int] = {}
         for loss, r, f in zip(losses, reach, factors):
             inputs = [p for p in params if id(p) in r]
             grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True) if inputs else ()
-            per_task.append({id(p): g * f.to(g.dtype) for p, g in zip(inputs, grads) if g is not None})
-        device = shared[0].device
-        gram = torch.zeros(len(losses), len(losses), dtype=torch.float64, device=device)
-        for p in shared:
-            block = torch.stack([(g[id(p)] if id(p) in g else torch.zeros_like(p)).reshape(-1).to(torch.float64)
-                                 for g in per_task])
-            gram += block @ block.T
-        alpha = _gram_weights(gram)
+            found = {id(p): g * f.to(g.dtype) for p, g in zip(inputs, grads) if g is not None}
+            per_task.append(found)
+            if found:
+                nonzero = torch.stack([g.ne(0).any() for g in found.values()]).tolist()
+                for key, used in zip(found, nonzero):
+                    users[key] = users.get(key, 0) + int(used)
+        shared = [p for p in params if users.get(id(p), 0) >= 2]
+        alpha = None
+        if shared:
+            gram = torch.zeros(len(losses), len(losses), dtype=torch.float64, device=shared[0].device)
+            for p in shared:
+                block = torch.stack([g.get(id(p), torch.zeros_like(p)).reshape(-1).to(torch.float64)
+                                     for g in per_task])
+                gram += block @ block.T
+            alpha = _gram_weights(gram)
         shared_ids = {id(p) for p in shared}
         for p in params:
             parts = [(t, g[id(p)]) for t, g in enumerate(per_task) if id(p) in g]
             if not parts:
                 continue
-            if id(p) in shared_ids:
+            if alpha is not None and id(p) in shared_ids:
                 total = sum(alpha[t].to(device=g.device, dtype=g.dtype) * g for t, g in parts)
             else:
                 total = sum(g for _, g in parts)
@@ -321,7 +331,8 @@ class IMTL(Combiner):
         stacked = torch.stack(z_grads)
         rows = stacked.sum(1) if z.dim() > 0 else stacked
         alpha = imtl_weights(rows.reshape(len(losses), -1))
-        combined = (alpha.to(device=stacked.device, dtype=stacked.dtype).reshape(-1, *([1] * z.dim())) * stacked).sum(0)
+        weights = alpha.to(device=stacked.device, dtype=stacked.dtype).reshape(-1, *([1] * z.dim()))
+        combined = (weights * stacked).sum(0)
         if trunk:
             z.backward(combined, inputs=trunk)
         for p in after:

@@ -7,7 +7,8 @@ update driven by them helps the target task; the controller is meta-learned thro
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -142,7 +143,8 @@ class TMT(MetaScheduler):
 
     Hyper-parameters: ``controller`` diag | full | rank (default rank, ``rank`` 5 columns); ``update_freq``
     steps between meta updates; ``lr`` the look-ahead step size (default: the stage optimiser's current lr);
-    ``controller_lr`` / ``controller_weight_decay`` the controllers' Adam (paper: 1e-3 / 1e-5);
+    ``controller_lr`` / ``controller_weight_decay`` the controllers' Adam (paper: 1e-3 / 1e-5; a
+    ``controller_lr`` of 0 keeps hand-set controllers fixed while the look-ahead loss is still logged);
     ``noise`` the std of the controllers' initial perturbation (0.02); ``span`` steps per ``run_span``.
     """
 
@@ -165,7 +167,7 @@ class TMT(MetaScheduler):
                   ("update_freq", update_freq, update_freq >= 1 and int(update_freq) == update_freq,
                    "an integer >= 1"),
                   ("lr", lr, lr is None or lr > 0, "positive (or None for the stage optimiser's lr)"),
-                  ("controller_lr", controller_lr, controller_lr > 0, "positive"),
+                  ("controller_lr", controller_lr, controller_lr >= 0, ">= 0"),
                   ("controller_weight_decay", controller_weight_decay, controller_weight_decay >= 0, ">= 0"),
                   ("label_fraction", label_fraction, 0 < label_fraction <= 1, "in (0, 1]"),
                   ("noise", noise, noise >= 0, ">= 0")]
@@ -278,11 +280,9 @@ class TMT(MetaScheduler):
         labelled = _to(ctx.batch_for(self.target, step), ctx.device) if limited or meta else None
         info = {t: float(losses[t].detach()) for t in used}
         aux_grads = {t: feature_grads[t] for t in self.auxiliary}
-        if meta and trunk:
-            assert labelled is not None
+        if labelled is not None and meta and trunk:
             info["tmt_lookahead"] = self._meta_update(ctx, step, z, aux_grads, trunk, labelled)
-        if limited:
-            assert labelled is not None
+        if labelled is not None and limited:
             ctx.seed(step)
             xp, yp = labelled
             lp = ctx.loss(ctx.forward(xp, tasks=[self.target]), yp)
