@@ -25,9 +25,9 @@ from .errors import AutomtlError
 from .ir.serialize import atomic_write
 
 #: What ``--quick`` changes: every stage runs, with fewer and smaller steps.
-QUICK = ["dataset.options.length=512", "stages.pretrain.iters=20", "stages.policy.iters=30",
+QUICK = ["dataset.options.length=256", "stages.pretrain.iters=10", "stages.policy.iters=20",
          "stages.policy.network_steps=10", "stages.policy.policy_steps=5", "stages.policy.tau_every=5",
-         "stages.sample.candidates=1", "stages.posttrain.iters=20", "batch_size=8", "eval_every=0",
+         "stages.sample.candidates=1", "stages.posttrain.iters=20", "batch_size=4", "eval_every=0",
          "eval_batches=2", "checkpoint_every=10"]
 
 
@@ -101,28 +101,32 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
 
 def latency(model: Path, singles: dict[str, Path], *, repeat: int = 20, threads: int | None = None) -> dict[str, Any]:
     """Median onnxruntime latency (batch 1) of ``model`` (all tasks in one call) and of the per-task files
-    run one after the other, measured round-robin so that both see the same machine load."""
+    run one after the other.
+
+    Sessions are timed in blocks (a session's runs back to back) for three rounds, with onnxruntime's
+    thread spinning off: spinning workers of one session would otherwise take the cores of the next.
+    """
     import statistics
     import time
 
     from .runtime import InferenceSession
 
-    sessions = {"all": InferenceSession(model, threads=threads)}
-    sessions.update({t: InferenceSession(p, threads=threads) for t, p in singles.items()})
+    sessions = {"all": InferenceSession(model, threads=threads, spin=False)}
+    sessions.update({t: InferenceSession(p, threads=threads, spin=False) for t, p in singles.items()})
     x = sessions["all"].example_input(1)
     times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(2):
-        for s in sessions.values():
-            s.run(x)
-    for _ in range(repeat):
+    for _ in range(3):
         for key, s in sessions.items():
-            start = time.perf_counter()
-            s.run(x)
-            times[key].append(time.perf_counter() - start)
+            for _ in range(2):
+                s.run(x)
+            for _ in range(max(1, repeat // 3)):
+                start = time.perf_counter()
+                s.run(x)
+                times[key].append(time.perf_counter() - start)
     all_ms = statistics.median(times["all"]) * 1e3
-    one_by_one = sum(statistics.median(times[t]) for t in singles) * 1e3
-    return {"provider": sessions["all"].device, "batch": 1, "all_tasks_ms": all_ms, "one_by_one_ms": one_by_one,
-            "per_task_ms": {t: statistics.median(times[t]) * 1e3 for t in singles}, "runs": repeat}
+    per_task = {t: statistics.median(times[t]) * 1e3 for t in singles}
+    return {"provider": sessions["all"].device, "batch": 1, "all_tasks_ms": all_ms,
+            "one_by_one_ms": sum(per_task.values()), "per_task_ms": per_task, "runs": 3 * max(1, repeat // 3)}
 
 
 def summary(report: dict[str, Any]) -> str:

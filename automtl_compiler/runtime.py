@@ -139,7 +139,8 @@ class InferenceSession:
 
     ``provider``: ``auto`` (CUDA when usable - see the module docstring - else CPU), ``cpu`` or ``cuda``
     (an AutomtlError when no usable GPU). ``threads`` sets onnxruntime's intra-op threads (default: its
-    own choice, one per core). Graph optimisations are at ORT_ENABLE_ALL (constant folding, conv + batch
+    own choice, one per core); ``spin=False`` stops idle worker threads from spinning, so that several
+    sessions in one process do not take each other's cores. Graph optimisations are at ORT_ENABLE_ALL (constant folding, conv + batch
     norm + activation fusion, layout optimisations).
 
     Attributes: ``providers`` (what the session really uses, first = preferred), ``tasks`` (output names,
@@ -148,7 +149,7 @@ class InferenceSession:
     """
 
     def __init__(self, path: str | Path, provider: str = "auto", threads: int | None = None,
-                 device_id: int = 0) -> None:
+                 device_id: int = 0, spin: bool = True) -> None:
         ort = _ort()
         self.path = require_file(path, "ONNX model")
         requested = select_providers(provider)
@@ -160,6 +161,8 @@ class InferenceSession:
         if threads is not None:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        if not spin:  # idle worker threads sleep at once (fair timing of several sessions in one process)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list[Any] = [(CUDA, {"device_id": device_id}) if p == CUDA else p for p in requested]
         try:
             self._session = ort.InferenceSession(str(self.path), opts, providers=providers)

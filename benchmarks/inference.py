@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> str:
     return table
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default=str(BACKBONE),
                         help="prototxt path or torchvision:NAME (e.g. torchvision:resnet34)")
@@ -307,7 +307,11 @@ def main() -> None:
     parser.add_argument("--half-by", choices=["units", "flops"], default="units",
                         help="the half-shared policy shares the first half of the units, or of the backbone FLOPs")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     run(args)
 
 

@@ -120,7 +120,7 @@ def _floor(backbone, heads, inp):  # type: ignore[no-untyped-def]
     return [head(feature) for head in heads.values()]
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default=str(BACKBONE))
     parser.add_argument("--tasks", type=int, default=2)
@@ -129,8 +129,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
-    run(parser.parse_args())
+    run(parser().parse_args(argv))
     print(f"({time.perf_counter() - start:.0f} s)")
 
 

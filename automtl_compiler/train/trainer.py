@@ -142,12 +142,33 @@ class Trainer:
         self.state: dict[str, Any] = {"stage": "pretrain", "step": 0, "tau": cfg["stages"]["policy"]["tau"],
                                       "policy_steps": 0, "policy": None, "done": False,
                                       "scheduler_stage": None}
+        self._make_optimizers()
         if baseline:  # a reference: every unit shared, trained with post-train settings for the whole budget
             share = Policy({t: {u: "share" for u in self.model.unit_names} for t in self.tasks})
             self.model.set_policy(share)
             self.state.update({"stage": "posttrain", "policy": share.to_json()})
 
     # ------------------------------------------------------------ construction
+    def _make_optimizers(self) -> None:
+        """The stages' optimisers (and post-train's LR schedule) over the model's parameters."""
+        stages = self.cfg["stages"]
+        self.opts = {
+            "pretrain": torch.optim.Adam(self.model.network_parameters(), lr=stages["pretrain"]["lr"],
+                                         betas=tuple(stages["pretrain"]["betas"]),
+                                         weight_decay=stages["pretrain"]["weight_decay"]),
+            "network": torch.optim.SGD(self.model.network_parameters(), lr=stages["policy"]["network_lr"],
+                                       momentum=stages["policy"]["momentum"],
+                                       weight_decay=stages["policy"]["network_weight_decay"]),
+            "policy": torch.optim.Adam(self.model.policy_parameters(), lr=stages["policy"]["policy_lr"],
+                                       weight_decay=stages["policy"]["policy_weight_decay"]),
+            "posttrain": torch.optim.Adam(self.model.network_parameters(), lr=stages["posttrain"]["lr"],
+                                          betas=tuple(stages["posttrain"]["betas"]),
+                                          weight_decay=stages["posttrain"]["weight_decay"]),
+        }
+        self.scheds = {"posttrain": torch.optim.lr_scheduler.StepLR(self.opts["posttrain"],
+                                                                    stages["posttrain"]["step_size"],
+                                                                    stages["posttrain"]["gamma"])}
+
     def _make_scheduler(self, baseline: bool) -> tuple[Scheduler, tuple[str, ...]]:
         """The configured scheduler and the stages it runs in (the weighted sum runs in the others)."""
         options = {k: v for k, v in self.cfg["scheduler"].items() if k not in ("name", "stages")}
@@ -241,23 +262,6 @@ class Trainer:
         """Run (or resume) every stage and write the report; returns the report."""
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
-        stages = self.cfg["stages"]
-        self.opts = {
-            "pretrain": torch.optim.Adam(self.model.network_parameters(), lr=stages["pretrain"]["lr"],
-                                         betas=tuple(stages["pretrain"]["betas"]),
-                                         weight_decay=stages["pretrain"]["weight_decay"]),
-            "network": torch.optim.SGD(self.model.network_parameters(), lr=stages["policy"]["network_lr"],
-                                       momentum=stages["policy"]["momentum"],
-                                       weight_decay=stages["policy"]["network_weight_decay"]),
-            "policy": torch.optim.Adam(self.model.policy_parameters(), lr=stages["policy"]["policy_lr"],
-                                       weight_decay=stages["policy"]["policy_weight_decay"]),
-            "posttrain": torch.optim.Adam(self.model.network_parameters(), lr=stages["posttrain"]["lr"],
-                                          betas=tuple(stages["posttrain"]["betas"]),
-                                          weight_decay=stages["posttrain"]["weight_decay"]),
-        }
-        self.scheds = {"posttrain": torch.optim.lr_scheduler.StepLR(self.opts["posttrain"],
-                                                                    stages["posttrain"]["step_size"],
-                                                                    stages["posttrain"]["gamma"])}
         ckpt = self.out / "checkpoints"
         if has_checkpoint(ckpt):
             saved = peek_state(ckpt) or {}
@@ -341,15 +345,7 @@ class Trainer:
 
             def body(step: int) -> tuple[dict[str, float], int]:
                 count = min(meta.span, iters - step)
-                ctx = SpanContext(
-                    model=self.model, optimizer=opt, params=self._stage_params(stage),
-                    forward=lambda x, tasks=None, feature=False: self._forward(x, mode, tasks=tasks, feature=feature),
-                    batch=lambda k: self._to_device(batches.batch(k)), loss=self.losses, start=step,
-                    steps=count, device=self.device,
-                    task_batch=(lambda task, k: self._to_device((labelled if task in labelled.tasks else batches).batch(k)))
-                    if labelled is not None else None,
-                    seed=lambda k: torch.manual_seed(step_seed(self.cfg["seed"], stage, k)),
-                    check=lambda losses, k: self.check_finite(losses, stage, k))
+                ctx = self.span_context(stage, mode, batches, step, count, labelled)
                 info = meta.run_span(ctx)
                 after(count)
                 return info, count
@@ -360,6 +356,19 @@ class Trainer:
                 return info, 1
 
         self._loop(stage, iters, body)
+
+    def span_context(self, stage: str, mode: str, batches: Batches, start: int, count: int,
+                     labelled: Batches | None = None) -> SpanContext:
+        """What a meta scheduler gets for steps ``start .. start + count - 1`` of ``stage``."""
+        return SpanContext(
+            model=self.model, optimizer=self.opts[stage], params=self._stage_params(stage),
+            forward=lambda x, tasks=None, feature=False: self._forward(x, mode, tasks=tasks, feature=feature),
+            batch=lambda k: self._to_device(batches.batch(k)), loss=self.losses, start=start, steps=count,
+            device=self.device,
+            task_batch=(lambda task, k: self._to_device((labelled if task in labelled.tasks else batches).batch(k)))
+            if labelled is not None else None,
+            seed=lambda k: torch.manual_seed(step_seed(self.cfg["seed"], stage, k)),
+            check=lambda losses, k: self.check_finite(losses, stage, k))
 
     def _labelled_batches(self, stage: str) -> Batches | None:
         """Batches from the labelled part of the training set for a scheduler's limited-label setting."""
