@@ -116,7 +116,31 @@ def test_every_command_in_the_readme_exists():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     commands = set(re.findall(r"(?:^|\$ |`)automtl ([a-z]+)", readme, flags=re.M))
-    assert {"inspect", "convert", "compile", "sample", "prune", "export", "bench", "train"} <= commands
+    assert {"inspect", "convert", "compile", "sample", "prune", "export", "bench", "train", "run"} <= commands
     for name in commands:
         result = CliRunner().invoke(main, [name, "--help"], standalone_mode=False)
         assert result.exit_code == 0, f"README mentions `automtl {name}`, which does not exist"
+
+
+def test_cli_reference_options_exist_and_setup_commands_match_ci():
+    import re
+
+    from click.testing import CliRunner
+
+    from automtl_compiler.cli.main import main
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("## CLI reference"):]
+    table = table[:table.index("\n## ")]
+    rows = [r for r in table.splitlines() if r.startswith("| `automtl ")]
+    assert len(rows) >= 9
+    for row in rows:
+        name = re.match(r"\| `automtl ([a-z]+)", row).group(1)
+        help_text = CliRunner().invoke(main, [name, "--help"]).output
+        for option in re.findall(r"`(--[a-z-]+)", row.split("|")[3]):
+            assert option in help_text, f"the README lists {option} for `automtl {name}`, which has no such option"
+    start = readme[readme.index("## Start here"):]
+    block = start[start.index("```bash") + 7:start.index("```", start.index("```bash") + 7)].strip().splitlines()
+    ci = [line for line in (root / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert block == ci, "the README's two set-up commands and .ci/run differ"
