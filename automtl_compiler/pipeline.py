@@ -134,11 +134,13 @@ def summary(report: dict[str, Any]) -> str:
     lines = []
     refs = report.get("references") or {}
     per_task = (report.get("delta_m") or {}).get("per_task") or {}
-    rows = [("task", "metric", "multi-task", "single-task", "change")]
+    directions = report.get("directions") or {}
+    rows = [("task", "metric", "multi-task", "single-task", "gain")]
     for task, metrics in report["tasks"].items():
         for k, v in metrics.items():
             ref = refs.get(task, {}).get(k)
-            change = f"{(v - ref) / abs(ref):+.1%}" if ref not in (None, 0) else ""
+            sign = 1 if directions.get(task, {}).get(k, True) else -1  # + is better for every metric
+            change = f"{sign * (v - ref) / abs(ref):+.1%}" if ref not in (None, 0) else ""
             rows.append((task, k, f"{v:.4g}", "" if ref is None else f"{ref:.4g}", change))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for i, r in enumerate(rows):
@@ -148,7 +150,7 @@ def summary(report: dict[str, Any]) -> str:
     dm = (report.get("delta_m") or {}).get("delta_m")
     if dm is not None:
         parts = ", ".join(f"{t} {v:+.2f}%" for t, v in per_task.items())
-        lines.append(f"Δm vs single-task references: {dm:+.2f}% ({parts}; higher is better)")
+        lines.append(f"Δm vs single-task references: {dm:+.2f}% ({parts}; gains are positive when better)")
     p = report["parameters"]
     if p.get("single_task_params"):
         lines.append(f"parameters: compact model {p['compact']:,} vs {len(report['tasks'])} single-task models "

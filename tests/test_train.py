@@ -148,3 +148,33 @@ def test_bf16_autocast_runs(tmp_path):
     report = train(ROOT / "configs" / "synthetic-quick.yaml", TINY + ["bf16=true", "checkpoint_every=0"],
                    tmp_path / "run", progress=False)
     assert all(all(v == v for v in m.values()) for m in report["tasks"].values()), "metrics are not NaN"
+
+
+def test_tensorboard_logging(tmp_path):
+    pytest.importorskip("tensorboard")
+    train(ROOT / "configs" / "synthetic-quick.yaml", [*TINY, "tensorboard=true"], tmp_path / "run", progress=False)
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(AutomtlError, match=r"automtl-compiler\[tensorboard\]"):
+        train(ROOT / "configs" / "synthetic-quick.yaml", [*TINY, "tensorboard=true"], tmp_path / "run", progress=False)
+
+
+def test_per_task_loaders_give_each_task_its_own_batches(tmp_path):
+    from automtl_compiler.train.run import make_datasets, make_task_types
+    from automtl_compiler.train.trainer import Batches, Trainer
+
+    cfg = load_config(ROOT / "configs" / "synthetic-quick.yaml", [*TINY, "dataset.loader=per_task"])
+    datasets = make_datasets(cfg)
+    trainer = Trainer(cfg, tmp_path / "run", datasets=datasets, task_types=make_task_types(cfg, datasets["train"]),
+                      progress=False)
+    shared = Batches(datasets["train"], 4, 0, "pretrain")
+    sources = trainer._per_task(shared)
+    firsts = [sources[t].batch(0)[0] for t in trainer.tasks]
+    assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[1], firsts[2])
+    assert torch.equal(sources[trainer.tasks[0]].batch(0)[0], firsts[0])  # deterministic per step
+    report = trainer.run()
+    assert set(report["tasks"]) == set(cfg["tasks"])

@@ -20,7 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "input_size": [64, 64],
     "output_stride": 16,
     "feature_node": None,
-    "dataset": {"name": "synthetic", "root": None, "options": {"length": 4096}},
+    "dataset": {"name": "synthetic", "root": None, "loader": "shared", "options": {"length": 4096}},
     "tasks": {
         "segment_semantic": {"head": "aspp", "hidden": 64, "weight": 1.0, "options": {}},
         "depth_zbuffer": {"head": "aspp", "hidden": 64, "weight": 1.0, "options": {}},
@@ -30,25 +30,27 @@ DEFAULTS: dict[str, Any] = {
     "stages": {
         "pretrain": {"iters": 80, "lr": 1e-3, "betas": [0.5, 0.999], "weight_decay": 1e-4},
         "policy": {"iters": 120, "network_steps": 20, "policy_steps": 10, "network_lr": 1e-2,
-                   "momentum": 0.9, "network_weight_decay": 1e-4, "policy_lr": 0.01,
+                   "momentum": 0.9, "network_weight_decay": 1e-4, "policy_lr": 0.05,
                    "policy_weight_decay": 5e-4, "reg_weight": 5e-4, "tau": 5.0, "tau_decay": 0.965,
                    "tau_every": 10},
-        "sample": {"strategy": "sample", "seed": 0, "share_first": 0, "candidates": 3},
+        "sample": {"strategy": "sample", "seed": 0, "share_first": 0, "candidates": 4},
         "posttrain": {"iters": 200, "lr": 1e-3, "betas": [0.5, 0.999], "weight_decay": 1e-4,
                       "step_size": 4000, "gamma": 0.5, "init": "policy"},
     },
     "batch_size": 8,
     "eval_every": 100,
-    "eval_batches": 8,
+    "eval_batches": 32,
     "checkpoint_every": 50,
     "seed": 0,
     "device": "auto",
     "bf16": False,
+    "tensorboard": False,
     "baselines": None,
 }
 
 _CHOICES = {"stages.sample.strategy": ("sample", "argmax"), "stages.posttrain.init": ("policy", "fresh"),
-            "device": ("auto", "cpu", "cuda"), "dataset.name": ("synthetic", "nyuv2", "cityscapes", "taskonomy")}
+            "device": ("auto", "cpu", "cuda"), "dataset.name": ("synthetic", "nyuv2", "cityscapes", "taskonomy"),
+            "dataset.loader": ("shared", "per_task")}
 _TASK_KEYS = {"head": str, "hidden": int, "weight": float, "options": dict, "channels": int}
 
 

@@ -133,6 +133,7 @@ class Trainer:
         self.datasets, self.task_types = datasets, task_types
         self.tasks = list(cfg["tasks"])
         self.device = pick_device(cfg["device"])
+        self.board = self._open_board() if cfg["tensorboard"] else None
         self.scheduler, self.scheduler_stages = self._make_scheduler(baseline)
         self.plain = WeightedSum(self.tasks, {t: cfg["tasks"][t]["weight"] for t in self.tasks})
         self._prepared: str | None = None
@@ -256,6 +257,21 @@ class Trainer:
         line = json.dumps({"stage": stage, "step": step, "metrics": metrics})
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(line + "\n")
+        if self.board is not None:
+            for task, values in metrics.items():
+                for key, value in values.items():
+                    self.board.add_scalar(f"{stage}/val/{task}/{key}", value, step)
+
+    def _open_board(self) -> Any:
+        """A TensorBoard writer into RUN_DIR/tensorboard when the config asks for one."""
+        if not self.cfg["tensorboard"]:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise AutomtlError("config: 'tensorboard: true' needs the tensorboard package; install it with "
+                               "pip install 'automtl-compiler[tensorboard]' or set tensorboard: false") from None
+        return SummaryWriter(str(self.out / "tensorboard"))
 
     # ------------------------------------------------------------ stages
     def run(self) -> dict[str, Any]:
@@ -292,6 +308,8 @@ class Trainer:
         scheds = self.scheds if self.state["stage"] == "posttrain" else {}
         save_checkpoint(self.out / "checkpoints", self.model, live, scheds, self.state,
                         modules={"scheduler": self.scheduler})
+        if self.board is not None:
+            self.board.flush()
 
     def _stage_params(self, stage: str) -> list[torch.nn.Parameter]:
         opt = self.opts["network" if stage == "policy" else stage]
@@ -326,6 +344,9 @@ class Trainer:
                 info, count = body(step)
                 self.state["step"] = step + count
                 bar.update(info, count)
+                if self.board is not None:
+                    for key, value in info.items():
+                        self.board.add_scalar(f"{stage}/{key}", value, step + count)
                 if crossed(eval_every, step, step + count) and stage != "policy":
                     self.log_metrics(stage, step + count, self.evaluate(*self._eval_mode()))
                 if crossed(every, step, step + count):
@@ -402,9 +423,16 @@ class Trainer:
 
     def _train_step(self, batches: Batches, step: int, opt: torch.optim.Optimizer, mode: str, stage: str,
                     extra: Callable[[], torch.Tensor] | None = None, tau: float = 1.0) -> dict[str, float]:
-        x, targets = batches.batch(step)
         gen = torch.Generator().manual_seed(step_seed(self.cfg["seed"], stage, step))
-        outs, z = self._forward(x, mode, tau, gen, feature=True)
+        if self.cfg["dataset"]["loader"] == "per_task":  # each task its own batch: no shared forward, no z
+            outs, targets, z = {}, {}, None
+            for t, source in self._per_task(batches).items():
+                x, y = source.batch(step)
+                outs[t] = self._forward(x, mode, tau, gen, tasks=[t])[t]
+                targets[t] = y[t]
+        else:
+            x, targets = batches.batch(step)
+            outs, z = self._forward(x, mode, tau, gen, feature=True)
         losses = self.losses(outs, targets)
         self.check_finite(losses, stage, step)
         opt.zero_grad(set_to_none=True)
@@ -415,6 +443,15 @@ class Trainer:
             extra().backward()
         opt.step()
         return {t: float(v.detach()) for t, v in losses.items()}
+
+    def _per_task(self, batches: Batches) -> dict[str, Batches]:
+        """AutoMTL's per-task loaders: one deterministic batch order per task over the same split."""
+        key = (id(batches.dataset), batches.seed, batches.stage)
+        cache = self.__dict__.setdefault("_task_batches", {})
+        if key not in cache:
+            cache[key] = {t: Batches(batches.dataset, batches.batch_size, batches.seed + 1 + i, batches.stage)
+                          for i, t in enumerate(self.tasks)}
+        return cache[key]
 
     def _stage_pretrain(self) -> None:
         batches = Batches(self.datasets["train"], self.cfg["batch_size"], self.cfg["seed"], "pretrain")
@@ -451,34 +488,61 @@ class Trainer:
         self._loop("policy", s["iters"], body)
 
     def _stage_sample(self) -> None:
+        """Draw the policy. With ``candidates: k > 1`` the candidates are the argmax policy and k - 1 samples
+        (strategy ``sample``), each scored on validation in fixed mode; the best is kept."""
         s = self.cfg["stages"]["sample"]
-        best: tuple[float, Policy] | None = None
-        for k in range(max(1, s["candidates"])):
-            policy = self.model.sample_policy(s["strategy"], seed=s["seed"] + k)
+        count = max(1, s["candidates"])
+        policies = []
+        for k in range(count):
+            strategy = "argmax" if count > 1 and k == 0 else s["strategy"]
+            policy = self.model.sample_policy(strategy, seed=s["seed"] + k)
             for u in self.model.unit_names[:s["share_first"]]:
                 for t in self.tasks:
                     policy.choices[t][u] = "share"
-            if s["candidates"] <= 1:
-                best = (0.0, policy)
-                break
-            score = self._score(self.evaluate("fixed", policy))
-            if best is None or score > best[0]:
-                best = (score, policy)
-        assert best is not None
-        self.model.set_policy(best[1])
-        self.state["policy"] = best[1].to_json()
-        best[1].save(self.out / "policy.json")
+            if policy not in policies:
+                policies.append(policy)
+        best = policies[0]
+        if len(policies) > 1:
+            scores = self._scores([self.evaluate("fixed", p) for p in policies])
+            best = policies[max(range(len(policies)), key=lambda i: scores[i])]
+        self.model.set_policy(best)
+        self.state["policy"] = best.to_json()
+        best.save(self.out / "policy.json")
         self.checkpoint()
 
-    def _score(self, metrics: dict[str, dict[str, float]]) -> float:
-        """Mean over tasks and metrics of signed metric values (higher is better), to rank candidates."""
-        total, count = 0.0, 0
-        for t, values in metrics.items():
+    def _scores(self, results: list[dict[str, dict[str, float]]]) -> list[float]:
+        """Scale-free scores of candidates' validation metrics (higher is better): Δm against the baselines
+        when the config names them, else the mean signed relative difference to the candidates' mean."""
+        if self.cfg["baselines"]:
+            found = [self._delta_m(r)["delta_m"] for r in results]
+            if None not in found:
+                return found
+        scores = [0.0] * len(results)
+        for t in self.tasks:
             directions = self.task_types[t].metric_directions
-            for k, v in values.items():
-                total += v if directions.get(k, True) else -v
-                count += 1
-        return total / max(1, count)
+            for k in results[0][t]:
+                mean = sum(r[t][k] for r in results) / len(results)
+                if mean == 0:
+                    continue
+                for i, r in enumerate(results):
+                    scores[i] += (r[t][k] - mean) / abs(mean) * (1 if directions.get(k, True) else -1)
+        return scores
+
+    def _delta_m(self, metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
+        """Δm of ``metrics`` against the config's baselines; metrics whose baseline is 0 (no relative
+        change exists) are left out and listed under ``skipped``."""
+        from ..tasks import delta_m
+
+        single = read_baseline(Path(self.cfg["baselines"]), self.tasks)
+        usable = {t: {k: v for k, v in single[t].items() if v != 0} for t in self.tasks}
+        usable = {t: values for t, values in usable.items() if values}
+        if usable:
+            directions = {t: self.task_types[t].metric_directions for t in usable}
+            result = delta_m({t: metrics[t] for t in usable}, usable, directions)
+        else:
+            result = {"per_task": {}, "delta_m": None}
+        result["skipped"] = sorted(f"{t}/{k}" for t in self.tasks for k, v in single[t].items() if v == 0)
+        return result
 
     def _stage_posttrain(self) -> None:
         s = self.cfg["stages"]["posttrain"]
@@ -505,21 +569,11 @@ class Trainer:
         policy = self.model.fixed_policy or self.model.sample_policy("argmax")
         metrics = self.evaluate("fixed", policy)
         compact = prune(self.model, policy)
-        report = {"tasks": metrics, "policy": policy.counts(),
+        report = {"tasks": metrics, "directions": {t: self.task_types[t].metric_directions for t in self.tasks},
+                  "policy": policy.counts(),
                   "parameters": {"compact": compact.num_parameters(), **compact.reference}}
         if self.cfg["baselines"]:
-            from ..tasks import delta_m
-
-            single = read_baseline(Path(self.cfg["baselines"]), self.tasks)
-            usable = {t: {k: v for k, v in single[t].items() if v != 0} for t in self.tasks}
-            usable = {t: values for t, values in usable.items() if values}
-            skipped = sorted(f"{t}/{k}" for t in self.tasks for k, v in single[t].items() if v == 0)
-            if usable:
-                directions = {t: self.task_types[t].metric_directions for t in usable}
-                report["delta_m"] = delta_m({t: metrics[t] for t in usable}, usable, directions)
-            else:
-                report["delta_m"] = {"per_task": {}, "delta_m": None}
-            report["delta_m"]["skipped"] = skipped  # a baseline value of 0 has no relative change
+            report["delta_m"] = self._delta_m(metrics)
         text = json.dumps(report, indent=1)
         atomic_write(self.out / "report.json", lambda tmp: tmp.write_text(text))
         draw_policy(self.model.policy_distribution(), self.out / "policy.png")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
 from ...errors import AutomtlError
 from .base import Combiner, StepContext
+from .functional import autograd_leaves
 
 METHODS = ("gradient", "loss", "hybrid")
 LEVELS = ("auto", "features", "params")
@@ -39,37 +38,6 @@ def imtl_weights(grads: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         g = grads.detach().to(torch.float64)
         return _gram_weights(g @ g.T)
-
-
-def _leaves(roots: Iterable[torch.Tensor], stop: object | None = None) -> list[torch.Tensor]:
-    """The leaf tensors (trainable parameters) the autograd graphs of ``roots`` reach, in a fixed order.
-
-    The walk does not go past the autograd node ``stop`` (the producer of the shared feature).
-    """
-    found: list[torch.Tensor] = []
-    stack = []
-    for r in roots:
-        if r.grad_fn is not None:
-            stack.append(r.grad_fn)
-        elif r.requires_grad:
-            found.append(r)
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen or node is stop:
-            continue
-        seen.add(id(node))
-        var = getattr(node, "variable", None)
-        if var is not None:
-            found.append(var)
-            continue
-        for child, _ in reversed(node.next_functions):
-            if child is not None and id(child) not in seen:
-                stack.append(child)
-    unique: dict[int, torch.Tensor] = {}
-    for t in found:
-        unique.setdefault(id(t), t)
-    return list(unique.values())
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
@@ -239,7 +207,7 @@ class IMTL(Combiner):
     @staticmethod
     def _trainable(ctx: StepContext | None, losses: list[torch.Tensor]) -> list[torch.Tensor]:
         if ctx is None:
-            return _leaves(losses)
+            return autograd_leaves(losses)
         return [p for p in ctx.params if p.requires_grad]
 
     def _backward_sum(self, losses: list[torch.Tensor], factors: torch.Tensor, ctx: StepContext | None) -> None:
@@ -251,7 +219,7 @@ class IMTL(Combiner):
         if ctx is None:
             total.backward()
             return
-        reached = {id(p) for p in _leaves([total])}
+        reached = {id(p) for p in autograd_leaves([total])}
         inputs = [p for p in self._trainable(ctx, losses) if id(p) in reached]
         if inputs:
             total.backward(inputs=inputs)
@@ -267,7 +235,7 @@ class IMTL(Combiner):
         """
         params = self._trainable(ctx, losses)
         ids = {id(p) for p in params}
-        reach = [{id(p) for p in _leaves([loss])} & ids for loss in losses]
+        reach = [{id(p) for p in autograd_leaves([loss])} & ids for loss in losses]
         if not any(a & b for i, a in enumerate(reach) for b in reach[i + 1:]):
             self._backward_sum(losses, factors, ctx)
             return None
@@ -309,7 +277,7 @@ class IMTL(Combiner):
         z = ctx.feature
         assert z is not None
         params = self._trainable(ctx, losses)
-        trunk_ids = {id(p) for p in _leaves([z])}
+        trunk_ids = {id(p) for p in autograd_leaves([z])}
         trunk = [p for p in params if id(p) in trunk_ids]
         after = [p for p in params if id(p) not in trunk_ids]
         after_ids = {id(p) for p in after}
@@ -317,7 +285,7 @@ class IMTL(Combiner):
         z_grads: list[torch.Tensor] = []
         own: dict[int, list[torch.Tensor]] = {}
         for loss, f in zip(losses, factors):
-            reached = {id(p) for p in _leaves([loss], stop=stop)} & after_ids
+            reached = {id(p) for p in autograd_leaves([loss], stop=stop)} & after_ids
             inputs = [p for p in after if id(p) in reached]
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, [z, *inputs], retain_graph=True, allow_unused=True)

@@ -41,15 +41,14 @@ meta-weights with their EMA and Adam moments; each meta batch frees its graph.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ...errors import AutomtlError
 from .base import MetaScheduler, SpanContext
+from .functional import call_with
 
 EPS = 1e-10
 _COUNTERS = ("step",)
@@ -77,19 +76,6 @@ class _BufferList(nn.Module):
 
     def __len__(self) -> int:
         return len(self._buffers)
-
-
-class _Bound(nn.Module):
-    """Holds the model as a submodule and runs the stage's forward, so that ``functional_call`` can
-    substitute the model's tensors (``model.<name>``) for a forward that is not ``model.forward``."""
-
-    def __init__(self, model: nn.Module, forward: Callable[..., Any]) -> None:
-        super().__init__()
-        self.model = model
-        self._call = forward
-
-    def forward(self, x: torch.Tensor) -> Any:
-        return self._call(x)
 
 
 class MetaGF(MetaScheduler):
@@ -254,17 +240,16 @@ class MetaGF(MetaScheduler):
                     w.copy_(ema_task[i])
         if self.meta_batches == 0:
             return
-        bound = _Bound(ctx.model, ctx.forward)
-        scratch = {f"model.{n}": b.detach().clone() for n, b in ctx.model.named_buffers()}
+        scratch = {n: b.detach().clone() for n, b in ctx.model.named_buffers()}
         meta_params = list(self.weights.parameters())
         for j in range(self.meta_batches):
             step = ctx.start + j % ctx.steps
             x, targets = ctx.batch(step)
             fused = self.fuse(theta0, deltas)
-            substitute = {f"model.{n}": v for n, v in zip(names, fused) if v is not None}
+            substitute = {n: v for n, v in zip(names, fused) if v is not None}
             substitute.update(scratch)
             ctx.seed(step)
-            outputs = functional_call(bound, substitute, (x,), strict=False)
+            outputs = call_with(ctx.model, substitute, ctx.forward, x)
             losses = self._losses(ctx, outputs, targets, step)
             total = sum(losses[t] for t in self.tasks)
             self._meta_opt.zero_grad(set_to_none=True)

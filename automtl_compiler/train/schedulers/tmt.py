@@ -7,15 +7,13 @@ update driven by them helps the target task; the controller is meta-learned thro
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...errors import AutomtlError
 from .base import Batch, MetaScheduler, SpanContext
+from .functional import call_with, trunk_parameters
 
 CONTROLLERS = ("diag", "full", "rank")
 
@@ -66,47 +64,6 @@ class Controller(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, channels={self.channels}" + (f", rank={self.rank}" if self.kind == "rank" else "")
-
-
-class _Bound(nn.Module):
-    """Holds ``model`` as a child so that torch.func.functional_call can reparametrise it under ``fn``."""
-
-    def __init__(self, model: nn.Module, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.model = model
-        self.fn = fn
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
-
-
-def call_with(model: nn.Module, tensors: dict[str, torch.Tensor], fn: Callable[..., Any], *args: Any,
-              **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` with the tensors of ``model`` named in ``tensors`` replaced by those values.
-
-    ``fn`` is any function that runs ``model``'s modules (e.g. the stage's forward, which runs generated fx
-    code sharing the model's submodule objects); the swap is done on those module objects by
-    torch.func.functional_call, so autograd flows into the given tensors and the model is left unchanged.
-    """
-    return torch.func.functional_call(_Bound(model, fn), {f"model.{k}": v for k, v in tensors.items()},
-                                      args, kwargs)
-
-
-def trunk_parameters(z: torch.Tensor, params: list[nn.Parameter]) -> list[nn.Parameter]:
-    """The parameters of ``params`` that ``z`` depends on (found by walking its autograd graph)."""
-    leaves: set[int] = set()
-    seen: set[Any] = set()
-    stack = [z.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        var = getattr(fn, "variable", None)
-        if var is not None:
-            leaves.add(id(var))
-        stack.extend(f for f, _ in fn.next_functions)
-    return [p for p in params if id(p) in leaves and p.requires_grad]
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
