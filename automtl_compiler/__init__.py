@@ -10,15 +10,30 @@ from .build import build_supermodel
 from .errors import AutomtlError
 from .frontends import load_backbone
 from .ir import Graph, Node, load_graph, save_graph
-from .nn.policy import Policy
 from .nn.compact import CompactModel, prune
+from .nn.policy import Policy
 from .nn.supermodel import SuperModel
 
 __version__ = "0.1.0"
 
-__all__ = ["AutomtlError", "CompactModel", "Graph", "InferenceSession", "Node", "Policy", "SuperModel",
-           "build_supermodel", "export_onnx", "export_prototxt", "load_backbone", "load_graph", "prune",
-           "save_graph", "to_torch", "__version__"]
+__all__ = [
+    "AutomtlError",
+    "CompactModel",
+    "Graph",
+    "InferenceSession",
+    "Node",
+    "Policy",
+    "SuperModel",
+    "__version__",
+    "build_supermodel",
+    "export_onnx",
+    "export_prototxt",
+    "load_backbone",
+    "load_graph",
+    "prune",
+    "save_graph",
+    "to_torch",
+]
 
 
 def __getattr__(name: str):  # type: ignore[no-untyped-def]

@@ -48,7 +48,12 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
     from .backends.onnx_export import export_onnx
     from .nn.compact import prune
     from .train.config import dump_config, load_config
-    from .train.run import make_datasets, make_task_types, prepare_run_dir, train_single_task_references
+    from .train.run import (
+        make_datasets,
+        make_task_types,
+        prepare_run_dir,
+        train_single_task_references,
+    )
     from .train.trainer import Trainer
 
     cfg = load_config(config, [*(QUICK if quick else []), *overrides])

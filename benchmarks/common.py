@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def median_seconds(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1) -> float:
@@ -28,3 +29,17 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def in_fresh_process(target: Callable[..., None], *args: Any) -> float:
+    """Run ``target(*args, queue)`` in a fresh (spawned) process and return the number it puts on the queue:
+    how peak-memory figures are taken, so that each starts from an empty interpreter."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return float(value)

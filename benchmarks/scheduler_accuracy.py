@@ -23,7 +23,11 @@ from typing import Any
 import torch
 
 from automtl_compiler.train.config import load_config
-from automtl_compiler.train.run import make_datasets, make_task_types, train_single_task_references
+from automtl_compiler.train.run import (
+    make_datasets,
+    make_task_types,
+    train_single_task_references,
+)
 from automtl_compiler.train.trainer import Trainer
 
 from .common import print_table

@@ -34,7 +34,7 @@ from automtl_compiler.train.config import load_config
 from automtl_compiler.train.run import make_datasets, make_task_types
 from automtl_compiler.train.trainer import Batches, Trainer
 
-from .common import print_table
+from .common import in_fresh_process, print_table
 
 COMBINERS: dict[str, dict[str, Any]] = {
     "sum": {"name": "sum"},
@@ -107,13 +107,7 @@ def _peak_child(args: argparse.Namespace, scheduler: dict[str, Any], steps: int,
 
 def peak_mb(args: argparse.Namespace, scheduler: dict[str, Any], steps: int = 3) -> float:
     """Peak resident memory (MB) of a fresh process running ``steps`` steps (or spans) of ``scheduler``."""
-    ctx = mp.get_context("spawn")
-    queue: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_child, args=(args, scheduler, steps, queue))
-    proc.start()
-    value = queue.get()
-    proc.join()
-    return float(value)
+    return in_fresh_process(_peak_child, args, scheduler, steps)
 
 
 def run(args: argparse.Namespace) -> str:

@@ -27,7 +27,7 @@ import torch
 from automtl_compiler import build_supermodel, load_backbone, to_torch
 from automtl_compiler.nn.heads import ASPPHead
 
-from .common import median_seconds, print_table
+from .common import in_fresh_process, median_seconds, print_table
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONE = ROOT / "models" / "deeplab_resnet34.prototxt"
@@ -64,13 +64,7 @@ def _rss_child(args: argparse.Namespace, per_task: bool, queue: mp.Queue) -> Non
 
 def peak_rss_mb(args: argparse.Namespace, per_task: bool) -> float:
     """Peak resident memory (MB) of a fresh process that builds the model and runs one soft step."""
-    ctx = mp.get_context("spawn")
-    queue: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_rss_child, args=(args, per_task, queue))
-    proc.start()
-    value = queue.get()
-    proc.join()
-    return float(value)
+    return in_fresh_process(_rss_child, args, per_task)
 
 
 def run(args: argparse.Namespace) -> str:

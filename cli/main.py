@@ -20,7 +20,7 @@ from automtl_compiler.errors import AutomtlError
 class _Group(click.Group):
     """A click group that turns every error into one readable line and a non-zero exit."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D401 - click's signature
+    def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
         debug = "--debug" in sys.argv[1:]
         try:

@@ -23,3 +23,17 @@ def randomised(name: str) -> nn.Module:
     """A torchvision model with random weights and non-trivial batch-norm statistics, in eval mode."""
     torch.manual_seed(0)
     return randomise_bn(torchvision.models.get_model(name, weights=None)).eval()
+
+
+class Tiny(nn.Module):
+    """Two conv units (the second changes shape, stride 2) with batch norms: the smallest SuperModel backbone."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, channels, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))

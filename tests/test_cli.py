@@ -110,12 +110,11 @@ def test_train_quick_run_and_bad_config(tmp_path):
 def test_every_command_in_the_readme_exists():
     import re
 
+    from automtl_compiler.cli.main import main
     from click.testing import CliRunner
 
-    from automtl_compiler.cli.main import main
-
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    commands = set(re.findall(r"(?:^|\$ |`)automtl ([a-z]+)", readme, flags=re.M))
+    commands = set(re.findall(r"(?:^|\$ |`)automtl ([a-z]+)", readme, flags=re.MULTILINE))
     assert {"inspect", "convert", "compile", "sample", "prune", "export", "bench", "train", "run"} <= commands
     for name in commands:
         result = CliRunner().invoke(main, [name, "--help"], standalone_mode=False)
@@ -125,9 +124,8 @@ def test_every_command_in_the_readme_exists():
 def test_cli_reference_options_exist_and_setup_commands_match_ci():
     import re
 
-    from click.testing import CliRunner
-
     from automtl_compiler.cli.main import main
+    from click.testing import CliRunner
 
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()

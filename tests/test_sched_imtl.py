@@ -14,7 +14,7 @@ from automtl_compiler.nn.heads import ClassificationHead
 from automtl_compiler.nn.policy import Policy
 from automtl_compiler.train.schedulers import StepContext, create
 from automtl_compiler.train.schedulers.imtl import IMTL
-from tests.helpers import randomise_bn
+from tests.helpers import Tiny, randomise_bn
 
 TASKS = ["a", "b", "c"]
 
@@ -190,18 +190,6 @@ def test_params_level_hybrid_is_imtl_g_of_scaled_gradients(with_ctx):
 
 
 # ------------------------------------------------------------------ a SuperModel with a common trunk
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-
-    def forward(self, x):
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-
-
 @pytest.fixture(scope="module")
 def supermodel():
     torch.manual_seed(0)

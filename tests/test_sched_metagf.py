@@ -15,7 +15,7 @@ from automtl_compiler.errors import AutomtlError
 from automtl_compiler.nn.heads import ClassificationHead
 from automtl_compiler.train.schedulers.base import SpanContext
 from automtl_compiler.train.schedulers.metagf import MetaGF, meta_shape
-from tests.helpers import randomise_bn
+from tests.helpers import Tiny, randomise_bn
 
 TASKS = ["a", "b"]
 LR = 0.05
@@ -272,20 +272,9 @@ def test_each_phase_starts_from_theta0():
 
 @pytest.fixture(scope="module")
 def supermodel():
-    class Tiny(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-            self.bn1 = nn.BatchNorm2d(4)
-            self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
-            self.bn2 = nn.BatchNorm2d(6)
-
-        def forward(self, x):
-            return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-
     torch.manual_seed(0)
     heads = {t: ClassificationHead(6, 1) for t in TASKS}
-    return build_supermodel(randomise_bn(Tiny()), heads, input_shape=(1, 3, 5, 5)).train()
+    return build_supermodel(randomise_bn(Tiny(6)), heads, input_shape=(1, 3, 5, 5)).train()
 
 
 def sm_ctx(sm: nn.Module, opt: torch.optim.Optimizer, steps: int, loss=mse) -> SpanContext:

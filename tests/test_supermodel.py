@@ -16,7 +16,7 @@ from automtl_compiler.errors import AutomtlError, FileFormatError
 from automtl_compiler.nn.heads import ASPPHead, ClassificationHead
 from automtl_compiler.nn.policy import Policy, gumbel_softmax
 from automtl_compiler.nn.supermodel import SuperModel
-from tests.helpers import randomise_bn
+from tests.helpers import Tiny, randomise_bn
 
 TASKS = ("seg", "depth")
 SHAPE = (2, 3, 64, 64)
@@ -106,20 +106,6 @@ def test_skip_with_shape_change_is_projection(resnet):
     with torch.no_grad():
         got = sm(x, task="seg", mode="fixed", policy=policy_with(sm, "share", layer2_0_conv1="skip"))
         torch.testing.assert_close(got, sm.heads["seg"](trunk(ref)(x)), rtol=1e-5, atol=1e-5)
-
-
-class Tiny(nn.Module):
-    """Two conv units (the second changes shape) and a residual-free tail."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-
-    def forward(self, x):
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
 
 
 @pytest.fixture()

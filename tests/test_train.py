@@ -60,7 +60,8 @@ def test_tiny_run_writes_every_artifact(tmp_path):
     assert all(report["tasks"][t] for t in report["tasks"])
     assert report["parameters"]["compact"] <= report["parameters"]["supermodel_params"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {x["stage"] for x in lines} == {"pretrain", "posttrain"}
+    assert {x["stage"] for x in lines} == {"pretrain", "posttrain", "final"}
+    assert lines[-1]["stage"] == "final" and lines[-1]["metrics"] == report["tasks"]
     assert (run / "policy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

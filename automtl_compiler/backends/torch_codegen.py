@@ -74,4 +74,4 @@ def to_torch(graph: Graph, *, class_name: str | None = None) -> fx.GraphModule:
     return gm
 
 
-__all__ = ["to_torch", "module_name"]
+__all__ = ["module_name", "to_torch"]

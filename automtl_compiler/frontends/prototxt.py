@@ -62,9 +62,10 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from google.protobuf import text_format
@@ -788,4 +789,4 @@ def load_prototxt(path: str | Path, *, input_shape: tuple[int, ...] | None = Non
     return graph.materialise(seed=0)
 
 
-__all__ = ["load_prototxt", "f32"]
+__all__ = ["f32", "load_prototxt"]

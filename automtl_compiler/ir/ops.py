@@ -11,8 +11,9 @@ papers' "FLOPs" columns); parameter-free elementwise ops cost one per output ele
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -5,7 +5,7 @@ Any ``nn.Module`` that takes the backbone's feature map can serve as a head; the
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,8 @@ stored once (``to_torch`` makes them one Parameter, serialisation one record).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..ir.graph import Graph
 from .multitask import MultiTaskGraph, Unit

@@ -295,6 +295,9 @@ class Trainer:
                 self.state.update({"step": 0})
             self.state["done"] = True
             self.checkpoint()
+            report = self.report()
+            self.log_metrics("final", self.cfg["stages"]["posttrain"]["iters"], report["tasks"])
+            return report
         return self.report()
 
     STAGE_OPTIMIZERS = {"pretrain": ("pretrain",), "policy": ("network", "policy"), "sample": (),
