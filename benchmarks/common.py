@@ -43,3 +43,15 @@ def in_fresh_process(target: Callable[..., None], *args: Any) -> float:
     value = queue.get()
     proc.join()
     return float(value)
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory in MB (VmHWM; ``ru_maxrss`` of a spawned child would
+    include what its parent had before the exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

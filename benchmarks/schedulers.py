@@ -34,7 +34,7 @@ from automtl_compiler.train.config import load_config
 from automtl_compiler.train.run import make_datasets, make_task_types
 from automtl_compiler.train.trainer import Batches, Trainer
 
-from .common import in_fresh_process, print_table
+from .common import in_fresh_process, peak_rss_mb, print_table
 
 COMBINERS: dict[str, dict[str, Any]] = {
     "sum": {"name": "sum"},
@@ -94,15 +94,13 @@ def round_robin(calls: dict[str, Callable[[int], Any]], repeat: int) -> dict[str
 
 
 def _peak_child(args: argparse.Namespace, scheduler: dict[str, Any], steps: int, queue: mp.Queue) -> None:
-    import resource
-
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(args, scheduler, tmp)
         fn = step_fn(trainer, "x", args, steps=2)
         for i in range(steps):
             fn(i)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    queue.put(peak_rss_mb())
 
 
 def peak_mb(args: argparse.Namespace, scheduler: dict[str, Any], steps: int = 3) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from automtl_compiler import build_supermodel, load_backbone, to_torch
 from automtl_compiler.nn.heads import ASPPHead
 
-from .common import in_fresh_process, median_seconds, print_table
+from .common import in_fresh_process, median_seconds, peak_rss_mb, print_table
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONE = ROOT / "models" / "deeplab_resnet34.prototxt"
@@ -59,10 +58,10 @@ def _rss_child(args: argparse.Namespace, per_task: bool, queue: mp.Queue) -> Non
     model.train()
     x = torch.randn(args.batch, 3, args.size, args.size)
     soft_step(model, x, per_task)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    queue.put(peak_rss_mb())
 
 
-def peak_rss_mb(args: argparse.Namespace, per_task: bool) -> float:
+def soft_step_peak_mb(args: argparse.Namespace, per_task: bool) -> float:
     """Peak resident memory (MB) of a fresh process that builds the model and runs one soft step."""
     return in_fresh_process(_rss_child, args, per_task)
 
@@ -95,8 +94,8 @@ def run(args: argparse.Namespace) -> str:
                      [f"(b) hard all tasks, all-share, B={batch}", f"{share * 1e3:.0f}", f"{share / floor:.2f}"],
                      [f"(b) fixed all tasks, sampled policy, B={batch}", f"{mixed * 1e3:.0f}", f"{mixed / floor:.2f}"],
                      [f"(b') hard one call per task, all-share, B={batch}", f"{each * 1e3:.0f}", f"{each / floor:.2f}"]]
-    rss = peak_rss_mb(args, False)
-    rss_each = peak_rss_mb(args, True)
+    rss = soft_step_peak_mb(args, False)
+    rss_each = soft_step_peak_mb(args, True)
     rows = [["build SuperModel (heads given)", f"{build * 1e3:.0f}", ""],
             [f"(a) soft step, forward_all, B={args.batch}", f"{soft * 1e3:.0f}", f"{soft / soft_each:.2f} of (a')"],
             [f"(a') soft step, one call per task, B={args.batch}", f"{soft_each * 1e3:.0f}", "1.00"],

@@ -240,35 +240,46 @@ class IMTL(Combiner):
             self._backward_sum(losses, factors, ctx)
             return None
         per_task: list[dict[int, torch.Tensor]] = []
-        users: dict[int, int] = {}
-        for loss, r, f in zip(losses, reach, factors):
+        for loss, r in zip(losses, reach):
             inputs = [p for p in params if id(p) in r]
             grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True) if inputs else ()
-            found = {id(p): g * f.to(g.dtype) for p, g in zip(inputs, grads) if g is not None}
-            per_task.append(found)
-            if found:
-                nonzero = torch.stack([g.ne(0).any() for g in found.values()]).tolist()
-                for key, used in zip(found, nonzero):
-                    users[key] = users.get(key, 0) + int(used)
-        shared = [p for p in params if users.get(id(p), 0) >= 2]
+            per_task.append({id(p): g for p, g in zip(inputs, grads) if g is not None})
+        # The factors (loss scales) are folded into the Gram matrix and the coefficients, so that no scaled
+        # copy of a gradient is made. A parameter is shared when two tasks give it a non-zero gradient,
+        # read from the diagonal of its own Gram block (computed anyway) in one device-to-host copy.
+        candidates = [p for p in params if sum(id(p) in g for g in per_task) >= 2]
         alpha = None
-        if shared:
-            gram = torch.zeros(len(losses), len(losses), dtype=torch.float64, device=shared[0].device)
-            for p in shared:
-                block = torch.stack([g.get(id(p), torch.zeros_like(p)).reshape(-1).to(torch.float64)
-                                     for g in per_task])
-                gram += block @ block.T
-            alpha = _gram_weights(gram)
-        shared_ids = {id(p) for p in shared}
+        coef = [float(f) for f in factors]
+        shared_ids: set[int] = set()
+        if candidates:
+            n = len(losses)
+            blocks = torch.zeros(len(candidates), n, n, dtype=torch.float64, device=candidates[0].device)
+            for k, p in enumerate(candidates):  # dot products in the gradients' dtype, summed in float64
+                flat = {t: g[id(p)].reshape(-1) for t, g in enumerate(per_task) if id(p) in g}
+                for i in flat:
+                    for j in flat:
+                        if j >= i:
+                            blocks[k, i, j] = torch.dot(flat[i], flat[j]).to(torch.float64)
+            blocks = blocks.cpu()
+            used = (torch.diagonal(blocks, dim1=1, dim2=2) > 0).sum(1) >= 2
+            shared_ids = {id(p) for p, u in zip(candidates, used.tolist()) if u}
+            if shared_ids:
+                gram = blocks[used].sum(0)
+                gram = torch.triu(gram) + torch.triu(gram, 1).T
+                f = factors.detach().to(torch.float64).cpu()
+                alpha = _gram_weights(gram * f[:, None] * f[None, :]).to(factors.device)
+                scaled = [float(alpha[t]) * coef[t] for t in range(n)]
         for p in params:
-            parts = [(t, g[id(p)]) for t, g in enumerate(per_task) if id(p) in g]
+            weights = scaled if alpha is not None and id(p) in shared_ids else coef
+            parts = [(weights[t], g[id(p)]) for t, g in enumerate(per_task) if id(p) in g]
             if not parts:
                 continue
-            if alpha is not None and id(p) in shared_ids:
-                total = sum(alpha[t].to(device=g.device, dtype=g.dtype) * g for t, g in parts)
-            else:
-                total = sum(g for _, g in parts)
-            _accumulate(p, total)  # type: ignore[arg-type]
+            total = parts[0][1]  # autograd.grad's fresh tensor: combined in place
+            if parts[0][0] != 1.0:
+                total.mul_(parts[0][0])
+            for w, g in parts[1:]:
+                total.add_(g, alpha=w)
+            _accumulate(p, total)
         return alpha
 
     def _backward_features(self, losses: list[torch.Tensor], factors: torch.Tensor,
