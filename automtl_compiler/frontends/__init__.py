@@ -75,7 +75,10 @@ def _call_entry(text: str) -> Any:
     fn = getattr(module, function, None)
     if not callable(fn):
         raise AutomtlError(f"backbone '{text}': {module_name} has no function {function}")
-    model = fn()
+    try:
+        model = fn()
+    except Exception as e:  # noqa: BLE001 - the user's code: report it in one line
+        raise AutomtlError(f"backbone '{text}': {function}() raised {type(e).__name__}: {e}") from None
     if not isinstance(model, torch.nn.Module):
         raise AutomtlError(f"backbone '{text}': {function}() returned a {type(model).__name__}, not an nn.Module")
     return model
