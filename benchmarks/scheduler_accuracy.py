@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> str:
             one = load_config(None, [*sets, "scheduler=" + str(spec).replace("'", ""),
                                      f"baselines={refs / 'report.json'}"])
             start = time.perf_counter()
-            report = Trainer(one, out / f"seed{seed}" / name.split()[0] / str(len(results[name])), datasets=datasets,
-                             task_types=types, progress=False, baseline=True).run()
+            slug = "-".join("".join(c if c.isalnum() else " " for c in name).split())
+            report = Trainer(one, out / f"seed{seed}" / slug, datasets=datasets, task_types=types, progress=False,
+                             baseline=True).run()
             report["seconds"] = time.perf_counter() - start
             results[name].append(report)
             print(f"seed {seed} {name}: Δm {report['delta_m']['delta_m']:+.2f}% ({report['seconds']:.0f} s)",
