@@ -78,6 +78,32 @@ class _BufferList(nn.Module):
         return len(self._buffers)
 
 
+class _Combine(torch.autograd.Function):
+    """θ = θ0 + Σ_t a_t·Δ_t with a_t broadcast over Δ_t, differentiable in the a_t only.
+
+    Written out because autograd's version of the same expression keeps several weight-sized temporaries
+    per task; this one makes one output tensor and, backwards, one weight-sized product per task reduced
+    straight to a_t's shape. The Δ_t are constants (Meta-GF is first order).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, start: torch.Tensor, count: int, *args: torch.Tensor) -> torch.Tensor:
+        coefs, deltas = args[:count], args[count:]
+        out = start.clone()
+        for a, d in zip(coefs, deltas):
+            out.addcmul_(a.to(out.dtype), d)
+        ctx.save_for_backward(*deltas)
+        ctx.shapes = [a.shape for a in coefs]
+        ctx.dtypes = [a.dtype for a in coefs]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        deltas = ctx.saved_tensors
+        grads = [(grad * d).sum_to_size(shape).to(dtype) for d, shape, dtype in zip(deltas, ctx.shapes, ctx.dtypes)]
+        return (None, None, *grads, *(None for _ in deltas))
+
+
 class MetaGF(MetaScheduler):
     """Meta-GF: per-task phases from shared start weights, fused with meta-learned per-channel weights.
 
@@ -144,16 +170,14 @@ class MetaGF(MetaScheduler):
         """
         fused: list[torch.Tensor | None] = []
         for i, start in enumerate(theta0):
-            num: torch.Tensor | None = None
-            den: torch.Tensor | None = None
-            for ti in range(len(self.tasks)):
-                d = deltas[ti][i]
-                if d is None:
-                    continue
-                s = torch.sigmoid(self.weights[ti][i])
-                num = s * d if num is None else num + s * d
-                den = s if den is None else den + s
-            fused.append(None if num is None else (start + num / (den + EPS)).to(start.dtype))
+            tasks = [ti for ti in range(len(self.tasks)) if deltas[ti][i] is not None]
+            if not tasks:
+                fused.append(None)
+                continue
+            gates = [torch.sigmoid(self.weights[ti][i]) for ti in tasks]
+            total = gates[0] if len(gates) == 1 else torch.stack(gates).sum(0)
+            coefs = [g / (total + EPS) for g in gates]  # small tensors: ordinary autograd
+            fused.append(_Combine.apply(start, len(coefs), *coefs, *(deltas[ti][i] for ti in tasks)))
         return fused
 
     # ------------------------------------------------------------ the span
