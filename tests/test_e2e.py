@@ -23,7 +23,7 @@ def automtl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run the installed ``automtl`` command (or the CLI module when the script is not on PATH)."""
     exe = shutil.which("automtl")
     cmd = [exe] if exe else [sys.executable, "-m", "automtl_compiler.cli.main"]
-    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=900, check=False)
 
 
 @pytest.fixture(scope="module")

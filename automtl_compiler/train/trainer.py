@@ -404,7 +404,7 @@ class Trainer:
 
         train = self.datasets["train"]
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg["seed"]))
-        keep = max(1, int(round(fraction * len(train))))
+        keep = max(1, round(fraction * len(train)))
         labelled = Batches(Subset(train, order[:keep].tolist()), self.cfg["batch_size"], self.cfg["seed"] + 2, stage)
         labelled.tasks = (target,)  # type: ignore[attr-defined]
         return labelled

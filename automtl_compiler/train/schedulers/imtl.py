@@ -256,10 +256,10 @@ class IMTL(Combiner):
             blocks = torch.zeros(len(candidates), n, n, dtype=torch.float64, device=candidates[0].device)
             for k, p in enumerate(candidates):  # dot products in the gradients' dtype, summed in float64
                 flat = {t: g[id(p)].reshape(-1) for t, g in enumerate(per_task) if id(p) in g}
-                for i in flat:
-                    for j in flat:
+                for i, gi in flat.items():
+                    for j, gj in flat.items():
                         if j >= i:
-                            blocks[k, i, j] = torch.dot(flat[i], flat[j]).to(torch.float64)
+                            blocks[k, i, j] = torch.dot(gi, gj).to(torch.float64)
             blocks = blocks.cpu()
             used = (torch.diagonal(blocks, dim1=1, dim2=2) > 0).sum(1) >= 2
             shared_ids = {id(p) for p, u in zip(candidates, used.tolist()) if u}
