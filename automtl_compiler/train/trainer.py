@@ -137,6 +137,7 @@ class Trainer:
         self.scheduler, self.scheduler_stages = self._make_scheduler(baseline)
         self.plain = WeightedSum(self.tasks, {t: cfg["tasks"][t]["weight"] for t in self.tasks})
         self._prepared: str | None = None
+        self._task_batches: dict[tuple[int, int, str], dict[str, Batches]] = {}
         if cfg["baselines"]:
             read_baseline(Path(cfg["baselines"]), self.tasks)  # fail now, not after training
         self.model = self._build().to(self.device)
@@ -450,11 +451,10 @@ class Trainer:
     def _per_task(self, batches: Batches) -> dict[str, Batches]:
         """AutoMTL's per-task loaders: one deterministic batch order per task over the same split."""
         key = (id(batches.dataset), batches.seed, batches.stage)
-        cache = self.__dict__.setdefault("_task_batches", {})
-        if key not in cache:
-            cache[key] = {t: Batches(batches.dataset, batches.batch_size, batches.seed + 1 + i, batches.stage)
-                          for i, t in enumerate(self.tasks)}
-        return cache[key]
+        if key not in self._task_batches:
+            self._task_batches[key] = {t: Batches(batches.dataset, batches.batch_size, batches.seed + 1 + i,
+                                                  batches.stage) for i, t in enumerate(self.tasks)}
+        return self._task_batches[key]
 
     def _stage_pretrain(self) -> None:
         batches = Batches(self.datasets["train"], self.cfg["batch_size"], self.cfg["seed"], "pretrain")

@@ -63,7 +63,6 @@ class SpanContext:
     task_batch: Callable[[str, int], Batch] | None = None
     seed: Callable[[int], None] = lambda step: None
     check: Callable[[dict[str, torch.Tensor], int], None] = lambda losses, step: None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def batch_for(self, task: str, step: int) -> Batch:
         """A batch with labels of ``task`` for ``step``."""
