@@ -54,7 +54,7 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
         prepare_run_dir,
         train_single_task_references,
     )
-    from .train.trainer import Trainer
+    from .train.trainer import Trainer, read_baseline
 
     cfg = load_config(config, [*(QUICK if quick else []), *overrides])
     out = Path(out)
@@ -98,7 +98,7 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
                        "policy.png": str(out / "policy.png"), "supermodel": str(out / "supermodel"),
                        "compact": str(out / "compact")}
     if cfg["baselines"]:
-        report["references"] = json.loads(Path(cfg["baselines"]).read_text())["tasks"]
+        report["references"] = read_baseline(Path(cfg["baselines"]), tasks)
     text = json.dumps(report, indent=1)
     atomic_write(out / "report.json", lambda tmp: tmp.write_text(text))
     return report

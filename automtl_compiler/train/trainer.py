@@ -33,7 +33,6 @@ from .schedulers import (
     SpanContext,
     StepContext,
     WeightedSum,
-    scheduler_class,
 )
 from .schedulers import create as create_scheduler
 
@@ -133,7 +132,7 @@ class Trainer:
         self.datasets, self.task_types = datasets, task_types
         self.tasks = list(cfg["tasks"])
         self.device = pick_device(cfg["device"])
-        self.board = self._open_board() if cfg["tensorboard"] else None
+        self.board = self._open_board()
         self.scheduler, self.scheduler_stages = self._make_scheduler(baseline)
         self.plain = WeightedSum(self.tasks, {t: cfg["tasks"][t]["weight"] for t in self.tasks})
         self._prepared: str | None = None
@@ -177,7 +176,6 @@ class Trainer:
         name = self.cfg["scheduler"]["name"]
         if name == "sum":  # the sum's λ_t default to the tasks' configured weights
             options.setdefault("weights", {t: self.cfg["tasks"][t]["weight"] for t in self.tasks})
-        cls = scheduler_class(name)
         scheduler = create_scheduler(name, tasks=self.tasks, **options)
         able = tuple(s for s in TRAINING_STAGES if s in scheduler.stages
                      and not (scheduler.needs_feature and s != "posttrain"))
@@ -191,7 +189,7 @@ class Trainer:
             unable = [s for s in asked if s not in able]
             if unable:
                 why = ("it needs a trunk that all tasks share, which only post-train (a fixed policy) has"
-                       if scheduler.needs_feature else f"it runs in {', '.join(cls.stages)} only")
+                       if scheduler.needs_feature else f"it runs in {', '.join(scheduler.stages)} only")
                 raise AutomtlError(f"config: scheduler '{name}' cannot run in stage(s) {unable}: {why}; set "
                                    f"scheduler.stages to a subset of {list(able) or ['posttrain']}")
             stages = tuple(asked)
@@ -199,7 +197,7 @@ class Trainer:
             stages = ("posttrain",) if "posttrain" in stages else ()
         if not stages:
             raise AutomtlError(f"config: scheduler '{name}' has no stage to run in here (it runs in "
-                               f"{', '.join(cls.stages)}); use another scheduler")
+                               f"{', '.join(scheduler.stages)}); use another scheduler")
         return scheduler, stages
 
     def _build(self) -> SuperModel:
@@ -286,7 +284,7 @@ class Trainer:
                 self.model.set_policy(Policy.from_json(saved["policy"]))
             if saved.get("scheduler_stage"):  # the scheduler's state in the checkpoint is that of this stage
                 self._prepare_scheduler(saved["scheduler_stage"])
-            opts = dict(self.opts) | {f"scheduler/{k}": v for k, v in self.scheduler.optimizers().items()}
+            opts = self.opts | self._scheduler_optimizers()
             self.state = load_checkpoint(ckpt, self.model, opts, self.scheds, modules={"scheduler": self.scheduler})
         self.model.train()
         if not self.state["done"]:
@@ -308,12 +306,16 @@ class Trainer:
         """Save the model, the current stage's optimisers (earlier stages' moments are never used again)
         and the gradient scheduler's state and optimisers."""
         live = {k: self.opts[k] for k in self.STAGE_OPTIMIZERS[self.state["stage"]]}
-        live.update({f"scheduler/{k}": v for k, v in self.scheduler.optimizers().items()})
+        live.update(self._scheduler_optimizers())
         scheds = self.scheds if self.state["stage"] == "posttrain" else {}
         save_checkpoint(self.out / "checkpoints", self.model, live, scheds, self.state,
                         modules={"scheduler": self.scheduler})
         if self.board is not None:
             self.board.flush()
+
+    def _scheduler_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The gradient scheduler's own optimisers, named as checkpoints store them."""
+        return {f"scheduler/{k}": v for k, v in self.scheduler.optimizers().items()}
 
     def _stage_params(self, stage: str) -> list[torch.nn.Parameter]:
         opt = self.opts["network" if stage == "policy" else stage]
