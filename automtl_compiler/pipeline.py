@@ -81,8 +81,7 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
     policy = model.fixed_policy
     if policy is None:
         raise AutomtlError(f"{out}: the training run ended without a policy; remove the directory and run again")
-    model.save(out / "supermodel")
-    policy.save(out / "policy.json")
+    model.save(out / "supermodel")  # policy.json was written by the sample stage
 
     _say("pruning to the sampled policy and exporting to ONNX (verified in onnxruntime)", quiet)
     compact = prune(model, policy)
