@@ -25,10 +25,20 @@ from .errors import AutomtlError
 from .ir.serialize import atomic_write
 
 #: What ``--quick`` changes: every stage runs, with fewer and smaller steps.
-QUICK = ["dataset.options.length=256", "stages.pretrain.iters=10", "stages.policy.iters=20",
+QUICK = ["stages.pretrain.iters=10", "stages.policy.iters=20",
          "stages.policy.network_steps=10", "stages.policy.policy_steps=5", "stages.policy.tau_every=5",
          "stages.sample.candidates=1", "stages.posttrain.iters=20", "batch_size=4", "eval_every=0",
          "eval_batches=2", "checkpoint_every=10"]
+#: ... and, for the built-in synthetic scenes only, smaller splits.
+QUICK_SYNTHETIC = ["dataset.options.length=256"]
+
+
+def quick_overrides(config: str | Path | None, overrides: list[str]) -> list[str]:
+    """The ``--quick`` overrides for this config (the scene count only where the data are synthetic)."""
+    from .train.config import load_config
+
+    synthetic = load_config(config, overrides)["dataset"]["name"] == "synthetic"
+    return QUICK + (QUICK_SYNTHETIC if synthetic else [])
 
 
 def _say(text: str, quiet: bool) -> None:
@@ -52,20 +62,22 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
         make_datasets,
         make_task_types,
         prepare_run_dir,
+        resolve_input_size,
         train_single_task_references,
     )
     from .train.trainer import Trainer, read_baseline
 
-    cfg = load_config(config, [*(QUICK if quick else []), *overrides])
+    cfg = load_config(config, [*(quick_overrides(config, list(overrides)) if quick else []), *overrides])
     out = Path(out)
     train_references = references and not cfg["baselines"]
     if train_references:
         cfg["baselines"] = str(out / "references" / "report.json")
+    datasets = make_datasets(cfg)
+    resolve_input_size(cfg, datasets)
     prepare_run_dir(out, cfg, resume=False, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))  # marks the directory as this run's before anything else
     quiet = not progress
-    datasets = make_datasets(cfg)
     types = make_task_types(cfg, datasets["train"])
     tasks = list(cfg["tasks"])
 
@@ -161,6 +173,10 @@ def summary(report: dict[str, Any]) -> str:
                      f"{p['single_task_params']:,} ({p['compact'] / p['single_task_params']:.2f}x)")
     lines.append("policy (units shared / specific / skipped): " + "; ".join(
         f"{t} {c['share']}/{c['specific']}/{c['skip']}" for t, c in report["policy"].items()))
+    seen = report.get("evaluated") or {}
+    if seen:
+        lines.append(f"evaluated on {seen['samples']:,} of {seen['split_samples']:,} validation samples"
+                     + (" (the whole split)" if seen["whole_split"] else " (capped by eval_batches)"))
     o = report.get("onnx")
     if o:
         lines.append(f"onnxruntime latency ({o['provider']}, batch 1): all tasks in one call {o['all_tasks_ms']:.2f} ms, "

@@ -155,8 +155,13 @@ class CompactModel(nn.Module):
         return save_compact(self, directory)
 
     @classmethod
-    def load(cls, directory: str | Path, heads: dict[str, nn.Module] | None = None) -> CompactModel:
-        """Read a model written by :meth:`save`; custom heads are passed in ``heads``."""
+    def load(cls, directory: str | Path, heads: dict[str, nn.Module] | None = None,
+             trust_code: bool = False) -> CompactModel:
+        """Read a model written by :meth:`save`; heads made by hand are passed in ``heads``.
+
+        ``trust_code=True`` lets heads recorded as ``package.module:Class`` be imported (only for files
+        you trust: importing runs code); built-in and registered heads never need it.
+        """
         from .compact_io import load_compact
 
-        return load_compact(directory, heads)
+        return load_compact(directory, heads, trust_code=trust_code)

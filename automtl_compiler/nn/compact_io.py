@@ -34,14 +34,19 @@ def save_compact(model: CompactModel, directory: str | Path) -> Path:
     return directory
 
 
-def load_compact(directory: str | Path, heads: dict[str, nn.Module] | None = None) -> CompactModel:
-    """Read a directory written by :func:`save_compact`."""
+def load_compact(directory: str | Path, heads: dict[str, nn.Module] | None = None,
+                 trust_code: bool = False) -> CompactModel:
+    """Read a directory written by :func:`save_compact`.
+
+    Heads are rebuilt as by :func:`~automtl_compiler.nn.supermodel_io.load_supermodel`: a
+    ``package.module:Class`` head is imported only with ``trust_code=True``.
+    """
     from .compact import CompactModel
 
     directory = Path(directory)
     meta = directory / "compact.json"
     doc = read_json(meta, "compact model description (compact.json)", FORMAT, 1)
-    built = build_heads(doc["heads"], heads, str(meta))
+    built = build_heads(doc["heads"], heads, str(meta), trust_code=trust_code)
     graph = load_graph(directory / "graph.json")
     model = CompactModel(graph, list(doc["tasks"]), built, Policy.from_json(doc["policy"], str(meta)),
                          doc.get("reference"))

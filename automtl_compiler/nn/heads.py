@@ -1,15 +1,22 @@
-"""Task heads: DeepLab ASPP for pixel tasks (as AutoMTL uses it) and a classification head.
+"""Task heads: DeepLab ASPP for pixel tasks (as AutoMTL uses it), a classification head, and your own.
 
 Any ``nn.Module`` that takes the backbone's feature map can serve as a head; these two are the defaults.
+:func:`create_head` builds a head by name (``aspp``, ``cls``, a name given to :func:`register_head`) or by
+``package.module:Class`` and records its constructor arguments, so that saved models can rebuild it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..classpath import UntrustedCodeError, class_path_of, construct, is_class_path, load_class
+from ..errors import AutomtlError
 
 
 class ASPPHead(nn.Module):
@@ -68,36 +75,156 @@ def apply_head(head: nn.Module, feature: torch.Tensor, x: torch.Tensor) -> torch
 
 
 def head_spec(head: nn.Module) -> dict:
-    """The JSON spec of a head: its constructor arguments for built-in heads, its class for custom ones."""
+    """The JSON spec of a head, as saved in model files.
+
+    Built-in heads give their constructor arguments; heads made by :func:`create_head` give
+    ``{"type": <registered name or package.module:Class>, "in_channels", "num_classes", "options"}``; any
+    other module gives ``{"type": "custom", "class": ...}`` and has to be passed in again to load.
+    """
     spec = getattr(head, "spec", None)
-    return dict(spec) if spec else {"type": "custom", "class": f"{type(head).__module__}.{type(head).__qualname__}"}
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    named = isinstance(kind, str) and not is_class_path(kind)
+    if not kind or kind == "custom" or (named and _named_classes().get(kind) is not type(head)):
+        return {"type": "custom", "class": f"{type(head).__module__}.{type(head).__qualname__}"}
+    try:
+        return json.loads(json.dumps(spec))
+    except (TypeError, ValueError) as e:
+        raise AutomtlError(f"head {kind} cannot be saved: its options are not JSON values ({e}); give it "
+                           "numbers, strings, lists and dicts") from None
 
 
-def build_heads(specs: dict[str, dict], given: dict[str, nn.Module] | None, where: str) -> dict[str, nn.Module]:
-    """Heads from their specs; ``given`` overrides by task and must supply every custom head."""
-    from ..errors import AutomtlError
+def build_heads(specs: dict[str, dict], given: dict[str, nn.Module] | None, where: str,
+                trust_code: bool = False) -> dict[str, nn.Module]:
+    """Heads from the specs recorded in model file ``where``; ``given`` overrides by task.
 
+    Built-in and registered head types are rebuilt; a ``package.module:Class`` head is imported only with
+    ``trust_code`` (a model file must never run code on its own); a ``custom`` head must be given.
+    """
     heads: dict[str, nn.Module] = {}
     for task, spec in specs.items():
         if given and task in given:
             heads[task] = given[task]
-        elif spec.get("type") == "custom":
+            continue
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind == "custom":
             raise AutomtlError(f"{where}: task '{task}' has a custom head ({spec.get('class')}); pass it as "
                                f"heads={{'{task}': module}} to load")
-        else:
-            heads[task] = make_head(spec)
+        if is_class_path(kind) and not trust_code and _registered_path(kind) is None:
+            raise UntrustedCodeError(f"{where}: task '{task}' has head {kind}, which is code; rerun with "
+                                     "--trust-code if you trust this file (or register the head with "
+                                     "register_head)")
+        if isinstance(kind, str) and not is_class_path(kind) and kind not in _named_classes():
+            raise AutomtlError(f"{where}: task '{task}' has head type '{kind}', which is not registered in this "
+                               f"process; call register_head('{kind}', cls) before loading, or pass "
+                               f"heads={{'{task}': module}}")
+        try:
+            heads[task] = make_head(spec, trust_code=trust_code)
+        except AutomtlError as e:
+            raise AutomtlError(f"{where}: task '{task}': {e}") from None
     return heads
 
 
-def make_head(spec: dict) -> nn.Module:
-    """Build a head from its JSON spec (``{"type": "aspp" | "cls", ...constructor arguments}``)."""
-    from ..errors import AutomtlError
+def make_head(spec: dict, *, trust_code: bool = False) -> nn.Module:
+    """Build a head from its JSON spec: ``{"type", "in_channels", "num_classes", ...}``.
 
-    kinds = {"aspp": ASPPHead, "cls": ClassificationHead}
-    args = {k: v for k, v in spec.items() if k != "type"}
-    if spec.get("type") not in kinds:
-        raise AutomtlError(f"unknown head type {spec.get('type')!r}; use one of {sorted(kinds)}")
-    try:
-        return kinds[spec["type"]](**args)
-    except (TypeError, ValueError) as e:
-        raise AutomtlError(f"bad {spec['type']} head spec {args}: {e}") from None
+    Accepts the built-in specs (``aspp``/``cls`` with their constructor arguments at the top level) and
+    the specs :func:`create_head` records (options under ``"options"``). A ``package.module:Class`` type
+    is imported only with ``trust_code``, since specs usually come from files.
+    """
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if not isinstance(kind, str) or kind == "custom":
+        raise AutomtlError(f"head spec {spec!r} cannot be built: it needs a \"type\" naming a built-in or "
+                           "registered head or a package.module:Class")
+    if is_class_path(kind) and not trust_code and _registered_path(kind) is None:
+        raise UntrustedCodeError(f"head spec names {kind}, which is code; pass trust_code=True if you trust where "
+                                 "the spec came from (or register the head with register_head)")
+    options = spec.get("options") or {}
+    if not isinstance(options, dict):
+        raise AutomtlError(f"head {kind}: \"options\" must be a JSON object, got {options!r}")
+    args = {k: v for k, v in spec.items() if k not in ("type", "options")}
+    missing = [k for k in ("in_channels", "num_classes") if k not in args]
+    if missing:
+        raise AutomtlError(f"head spec for {kind} lacks {' and '.join(missing)}; record them beside \"type\"")
+    return create_head(kind, args.pop("in_channels"), args.pop("num_classes"), **{**args, **options})
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+BUILTIN_HEADS: dict[str, type[nn.Module]] = {"aspp": ASPPHead, "cls": ClassificationHead}
+HEAD_TYPES: dict[str, type[nn.Module]] = {}
+"""Heads registered with :func:`register_head` (name -> class); the built-ins are in ``BUILTIN_HEADS``."""
+
+M = TypeVar("M", bound=type[nn.Module])
+
+
+def _named_classes() -> dict[str, type[nn.Module]]:
+    return {**BUILTIN_HEADS, **HEAD_TYPES}
+
+
+def _registered_path(path: str) -> type[nn.Module] | None:
+    """The registered or built-in class whose ``package.module:Class`` path is ``path`` (no import)."""
+    for cls in _named_classes().values():
+        if class_path_of(cls) == path:
+            return cls
+    return None
+
+
+@overload
+def register_head(name: str, cls: None = None, *, replace: bool = False) -> Callable[[M], M]: ...
+
+
+@overload
+def register_head(name: str, cls: M, *, replace: bool = False) -> M: ...
+
+
+def register_head(name: str, cls: M | None = None, *, replace: bool = False) -> M | Callable[[M], M]:
+    """Make the ``nn.Module`` subclass ``cls`` available as ``create_head(name, ...)`` and to model loading.
+
+    Also a class decorator: ``@register_head("fpn")``. The class is built as ``cls(in_channels=...,
+    num_classes=..., **options)``. A registered head type loads from model files without ``trust_code``,
+    since the running program vouched for it. ``aspp``, ``cls`` and ``custom`` are reserved; a name
+    already registered for another class needs ``replace=True``. Returns the class.
+    """
+    if not isinstance(name, str) or not name or ":" in name or any(c.isspace() for c in name):
+        raise AutomtlError(f"register_head: {name!r} is not a head name; use a plain name without ':' or spaces")
+
+    def add(head_cls: M) -> M:
+        if not isinstance(head_cls, type) or not issubclass(head_cls, nn.Module):
+            raise AutomtlError(f"register_head({name!r}, ...): {head_cls!r} is not a torch.nn.Module subclass")
+        if name in BUILTIN_HEADS or name == "custom":
+            raise AutomtlError(f"register_head: {name!r} is a built-in head name; choose another name")
+        old = HEAD_TYPES.get(name)
+        if old is not None and not replace and class_path_of(old) != class_path_of(head_cls):
+            raise AutomtlError(f"register_head: {name!r} is already registered for {class_path_of(old)}; pass "
+                               "replace=True to replace it")
+        HEAD_TYPES[name] = head_cls
+        return head_cls
+
+    return add if cls is None else add(cls)
+
+
+def head_class(name: str) -> type[nn.Module]:
+    """The head class named by ``aspp``, ``cls``, a registered name or ``package.module:Class`` (imported)."""
+    if is_class_path(name):
+        return _registered_path(name) or load_class(name, nn.Module, "head", "torch.nn.Module")
+    classes = _named_classes()
+    if name not in classes:
+        raise AutomtlError(f"unknown head type {name!r}; use one of {', '.join(sorted(classes))}, a name given to "
+                           "register_head, or a class path package.module:Class")
+    return classes[name]
+
+
+def create_head(name: str, in_channels: int, num_classes: int, **options: Any) -> nn.Module:
+    """Build head ``name`` for a feature of ``in_channels`` channels predicting ``num_classes`` channels.
+
+    ``name`` is ``aspp``, ``cls``, a registered name or ``package.module:Class`` (imported: only pass
+    names that come from the user). The class is built as ``cls(in_channels=, num_classes=, **options)``;
+    its ``forward`` takes the feature map (plus ``input_size=`` when it has a true ``upsample_to_input``
+    attribute). Heads other than the built-ins get ``head.spec`` recording these arguments, so that saved
+    models can rebuild them (see :func:`head_spec`).
+    """
+    cls = head_class(name)
+    head = construct(cls, name, "head", in_channels=in_channels, num_classes=num_classes, **options)
+    if cls is not BUILTIN_HEADS.get(name):
+        head.spec = {"type": name, "in_channels": in_channels, "num_classes": num_classes, "options": dict(options)}
+    return head

@@ -350,11 +350,16 @@ class SuperModel(nn.Module):
         return save_supermodel(self, directory)
 
     @classmethod
-    def load(cls, directory: str | Path, heads: dict[str, nn.Module] | None = None) -> SuperModel:
-        """Read a model written by :meth:`save`; custom (non-built-in) heads are passed in ``heads``."""
+    def load(cls, directory: str | Path, heads: dict[str, nn.Module] | None = None,
+             trust_code: bool = False) -> SuperModel:
+        """Read a model written by :meth:`save`; heads made by hand are passed in ``heads``.
+
+        ``trust_code=True`` lets heads recorded as ``package.module:Class`` be imported (only for files
+        you trust: importing runs code); built-in and registered heads never need it.
+        """
         from .supermodel_io import load_supermodel
 
-        return load_supermodel(directory, heads)
+        return load_supermodel(directory, heads, trust_code=trust_code)
 
     # ------------------------------------------------------------ summaries
     def parameter_counts(self) -> dict[str, int]:

@@ -66,15 +66,21 @@ def load_state(module: nn.Module, path: Path) -> None:
                               f"unexpected {result.unexpected_keys[:5]})")
 
 
-def load_supermodel(directory: str | Path, heads: dict[str, nn.Module] | None = None) -> SuperModel:
-    """Read a directory written by :func:`save_supermodel`. Custom heads must be passed in ``heads``."""
+def load_supermodel(directory: str | Path, heads: dict[str, nn.Module] | None = None,
+                    trust_code: bool = False) -> SuperModel:
+    """Read a directory written by :func:`save_supermodel`.
+
+    Built-in and registered heads are rebuilt from their specs; a head recorded as
+    ``package.module:Class`` is imported only with ``trust_code=True`` (model files never run code on
+    their own); heads made by hand (spec type ``custom``) must be passed in ``heads``.
+    """
     from .supermodel import SuperModel
 
     directory = Path(directory)
     meta_path = directory / "supermodel.json"
     doc = read_json(meta_path, "SuperModel description (supermodel.json)", FORMAT, 1)
     graph = load_graph(directory / "backbone.json")
-    built = build_heads(doc["heads"], heads, str(meta_path))
+    built = build_heads(doc["heads"], heads, str(meta_path), trust_code=trust_code)
     model = SuperModel(insert_task_branches(graph, list(doc["tasks"])), built)
     load_state(model, directory / "weights.safetensors")
     if doc.get("fixed_policy"):

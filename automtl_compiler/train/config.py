@@ -17,10 +17,13 @@ from ..errors import AutomtlError, FileFormatError, require_file
 
 DEFAULTS: dict[str, Any] = {
     "backbone": "torchvision:resnet18",
-    "input_size": [64, 64],
+    "backbone_weights": None,
+    "backbone_weights_strict": True,
+    "input_size": None,
     "output_stride": 16,
     "feature_node": None,
-    "dataset": {"name": "synthetic", "root": None, "loader": "shared", "options": {"length": 4096}},
+    "dataset": {"name": "synthetic", "root": None, "loader": "shared", "workers": 0, "options": {},
+                "split_options": {}},
     "tasks": {
         "segment_semantic": {"head": "aspp", "hidden": 64, "weight": 1.0, "options": {}},
         "depth_zbuffer": {"head": "aspp", "hidden": 64, "weight": 1.0, "options": {}},
@@ -39,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "batch_size": 8,
     "eval_every": 100,
-    "eval_batches": 32,
+    "eval_batches": None,
     "checkpoint_every": 50,
     "seed": 0,
     "device": "auto",
@@ -49,9 +52,10 @@ DEFAULTS: dict[str, Any] = {
 }
 
 _CHOICES = {"stages.sample.strategy": ("sample", "argmax"), "stages.posttrain.init": ("policy", "fresh"),
-            "device": ("auto", "cpu", "cuda"), "dataset.name": ("synthetic", "nyuv2", "cityscapes", "taskonomy"),
-            "dataset.loader": ("shared", "per_task")}
-_TASK_KEYS = {"head": str, "hidden": int, "weight": float, "options": dict, "channels": int}
+            "device": ("auto", "cpu", "cuda"), "dataset.loader": ("shared", "per_task")}
+_TASK_KEYS = {"type": str, "head": str, "hidden": int, "weight": float, "options": dict, "head_options": dict,
+              "channels": int}
+_FREE_FORM = ("scheduler", "dataset.options", "dataset.split_options")
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
@@ -60,7 +64,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, 
         path = f"{where}.{key}" if where else key
         if where == "" and key == "tasks":
             out[key] = value  # the task list replaces the default one; entries are checked below
-        elif where in ("scheduler", "dataset.options") or path.startswith("tasks."):
+        elif where in _FREE_FORM or path.startswith("tasks."):
             out[key] = value
         elif key not in base:
             raise AutomtlError(f"config: unknown key '{path}'; known keys here: {', '.join(sorted(base))}")
@@ -103,7 +107,7 @@ def _validate(cfg: dict[str, Any], defaults: dict[str, Any], where: str = "") ->
         path = f"{where}.{key}" if where else key
         if key == "tasks" and not where:
             continue
-        if isinstance(default, dict) and default and path not in ("dataset.options",):
+        if isinstance(default, dict) and default and path not in _FREE_FORM:
             if not isinstance(cfg[key], dict):
                 raise AutomtlError(f"config: '{path}' must be a mapping")
             _validate(cfg[key], default, path)
@@ -133,8 +137,21 @@ def _validate_tasks(tasks: Any) -> None:
         spec.setdefault("hidden", 64)
         spec.setdefault("weight", 1.0)
         spec.setdefault("options", {})
-        if spec["head"] not in ("aspp", "cls"):
-            raise AutomtlError(f"config: 'tasks.{name}.head' is {spec['head']!r}; use aspp or cls")
+        spec.setdefault("head_options", {})
+
+
+def _validate_dataset(d: dict[str, Any]) -> None:
+    """The dataset section: a name (registered or ``package.module:Class``), mappings of options."""
+    if not isinstance(d["name"], str) or not d["name"]:
+        raise AutomtlError(f"config: 'dataset.name' must be a dataset name or package.module:Class, got {d['name']!r}")
+    if d["root"] is not None and not isinstance(d["root"], str):
+        raise AutomtlError(f"config: 'dataset.root' must be a directory path, got {d['root']!r}")
+    if not isinstance(d["options"], dict):
+        raise AutomtlError(f"config: 'dataset.options' must be a mapping of the dataset's options, got {d['options']!r}")
+    splits = d["split_options"]
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
+        raise AutomtlError("config: 'dataset.split_options' must map a split name to options, e.g. "
+                           f"{{val: {{length: 256}}}}, got {splits!r}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -173,11 +190,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
     cfg = _merge(DEFAULTS, raw, "")
     _validate(cfg, DEFAULTS)
     _validate_tasks(cfg["tasks"])
+    _validate_dataset(cfg["dataset"])
+    cap = cfg["eval_batches"]
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise AutomtlError("config: 'eval_batches' caps the validation batches: a number >= 1, or null for the "
+                           "whole validation split")
+    if cfg["backbone_weights"] is not None and not isinstance(cfg["backbone_weights"], str):
+        raise AutomtlError(f"config: 'backbone_weights' must be a file path, got {cfg['backbone_weights']!r}")
     if not isinstance(cfg["scheduler"], dict) or "name" not in cfg["scheduler"]:
         raise AutomtlError("config: 'scheduler' must be a mapping with a 'name', e.g. {name: sum}")
     size = cfg["input_size"]
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise AutomtlError(f"config: 'input_size' must be [height, width], got {size!r}")
+    if size is not None and not (isinstance(size, list) and len(size) == 2
+                                 and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 16384
+                                         for s in size)):
+        raise AutomtlError(f"config: 'input_size' must be [height, width] (each 1..16384) or null for the size of "
+                           f"the validation images, got {size!r}")
     if cfg["output_stride"] is not None and (not isinstance(cfg["output_stride"], int)
                                              or cfg["output_stride"] not in (4, 8, 16, 32)):
         raise AutomtlError(f"config: 'output_stride' must be 8, 16 or 32 (or null), got {cfg['output_stride']!r}")

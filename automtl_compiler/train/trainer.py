@@ -21,9 +21,10 @@ import torch
 from ..build import build_supermodel
 from ..errors import AutomtlError
 from ..ir.serialize import atomic_write
-from ..nn.heads import make_head
+from ..nn.heads import create_head
 from ..nn.policy import Policy
 from ..nn.supermodel import SuperModel
+from .batches import STAGES, Batches, eval_loader, step_seed
 from .checkpoint import has_checkpoint, load_checkpoint, peek_state, save_checkpoint
 from .config import dump_config
 from .schedulers import (
@@ -36,40 +37,7 @@ from .schedulers import (
 )
 from .schedulers import create as create_scheduler
 
-STAGES = ("pretrain", "policy", "sample", "posttrain")
 TRAINING_STAGES = ("pretrain", "policy", "posttrain")
-
-
-def step_seed(seed: int, stage: str, step: int) -> int:
-    """A seed for one step of one stage, independent of how the run got there."""
-    return (seed * 1_000_003 + STAGES.index(stage) * 7_919_317 + step) % (2**63 - 1)
-
-
-def collate(samples: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Stack (image, targets) samples into a batch."""
-    images = torch.stack([s[0] for s in samples])
-    targets = {k: torch.stack([torch.as_tensor(s[1][k]) for s in samples]) for k in samples[0][1]}
-    return images, targets
-
-
-class Batches:
-    """Deterministic batches: batch ``step`` of a stage is a function of (seed, stage, step) only."""
-
-    def __init__(self, dataset: Any, batch_size: int, seed: int, stage: str) -> None:
-        if len(dataset) == 0:
-            raise AutomtlError(f"the {stage} data split is empty")
-        self.dataset, self.batch_size, self.seed, self.stage = dataset, batch_size, seed, stage
-
-    def batch(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        n = len(self.dataset)
-        per_epoch = max(1, n // self.batch_size)
-        epoch, pos = divmod(step, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(self.seed, self.stage, epoch)))
-        idx = order[pos * self.batch_size:(pos + 1) * self.batch_size].tolist()
-        if len(idx) < self.batch_size:
-            idx += order[:self.batch_size - len(idx)].tolist()
-        many = getattr(self.dataset, "__getitems__", None)
-        return collate(many(idx) if many is not None else [self.dataset[i] for i in idx])
 
 
 def pick_device(name: str) -> torch.device:
@@ -136,7 +104,9 @@ class Trainer:
         self.scheduler, self.scheduler_stages = self._make_scheduler(baseline)
         self.plain = WeightedSum(self.tasks, {t: cfg["tasks"][t]["weight"] for t in self.tasks})
         self._prepared: str | None = None
-        self._task_batches: dict[tuple[int, int, str], dict[str, Batches]] = {}
+        self._task_batches: dict[int, dict[str, Batches]] = {}
+        self._eval: Any = None
+        self.evaluated: dict[str, Any] = {}
         if cfg["baselines"]:
             read_baseline(Path(cfg["baselines"]), self.tasks)  # fail now, not after training
         self.model = self._build().to(self.device)
@@ -205,7 +175,8 @@ class Trainer:
         h, w = self.cfg["input_size"]
         from ..frontends import load_backbone
 
-        graph = load_backbone(self.cfg["backbone"], input_shape=(1, 3, h, w))
+        graph = load_backbone(self.cfg["backbone"], input_shape=(1, 3, h, w), weights=self.cfg["backbone_weights"],
+                              strict=self.cfg["backbone_weights_strict"])
         from ..passes.dilate import set_output_stride
         from ..passes.feature import find_feature_node
 
@@ -220,10 +191,10 @@ class Trainer:
             if not out:
                 raise AutomtlError(f"config: 'tasks.{t}.channels' is needed (the dataset does not say how many "
                                    "outputs this task has)")
-            kind = {"type": spec["head"], "in_channels": channels, "num_classes": out}
+            options = dict(spec["head_options"])
             if spec["head"] == "aspp":
-                kind["hidden"] = spec["hidden"]
-            heads[t] = make_head(kind)
+                options.setdefault("hidden", spec["hidden"])
+            heads[t] = create_head(spec["head"], channels, out, **options)
         return build_supermodel(graph, heads, feature_node=feature)
 
     # ------------------------------------------------------------ losses and evaluation
@@ -240,17 +211,34 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, mode: str, policy: Policy | None = None) -> dict[str, dict[str, float]]:
-        """Per-task metrics on the validation split (hard or fixed mode, no gradients)."""
+        """Per-task metrics over the validation split, once and in order (hard or fixed mode, no
+        gradients); ``eval_batches`` caps the batches for quick runs. The metrics accumulate over pixels
+        and samples, so they do not depend on the batch size. ``self.evaluated`` counts the samples."""
         self.model.eval()
         metrics = {t: self.task_types[t].new_metric() for t in self.tasks}
-        val = Batches(self.datasets["val"], self.cfg["batch_size"], self.cfg["seed"], "sample")
-        for i in range(self.cfg["eval_batches"]):
-            x, targets = val.batch(i)
+        cap, seen = self.cfg["eval_batches"], 0
+        for i, (x, targets) in enumerate(self._val_loader()):
+            if cap is not None and i >= cap:
+                break
             outs = self.model.forward_all(x.to(self.device), mode=mode, policy=policy)
             for t in self.tasks:
                 metrics[t].update(outs[t].float(), targets[t].to(self.device))
+            seen += x.shape[0]
         self.model.train()
+        self.evaluated = {"split": "val", "samples": seen, "split_samples": len(self.datasets["val"]),
+                          "whole_split": seen == len(self.datasets["val"])}
         return {t: m.compute() for t, m in metrics.items()}
+
+    def _val_loader(self) -> Any:
+        if self._eval is None:
+            self._eval = eval_loader(self.datasets["val"], self.cfg["batch_size"], self.cfg["dataset"]["workers"],
+                                     self.device.type == "cuda")
+        return self._eval
+
+    def batches(self, split: str, stage: str, seed_offset: int = 0) -> Batches:
+        """The deterministic training batches of ``split`` for ``stage`` (loaded by the config's workers)."""
+        return Batches(self.datasets[split], self.cfg["batch_size"], self.cfg["seed"] + seed_offset, stage,
+                       workers=self.cfg["dataset"]["workers"], pin_memory=self.device.type == "cuda")
 
     def log_metrics(self, stage: str, step: int, metrics: dict[str, dict[str, float]]) -> None:
         line = json.dumps({"stage": stage, "step": step, "metrics": metrics})
@@ -366,6 +354,7 @@ class Trainer:
         """A stage that trains the network alone: per-step combiner steps, or a meta scheduler's spans."""
         self._prepare_scheduler(stage)
         opt = self.opts[stage]
+        labelled = None
         if isinstance(self.scheduler, MetaScheduler) and stage in self.scheduler_stages:
             meta = self.scheduler
             labelled = self._labelled_batches(stage)
@@ -382,7 +371,11 @@ class Trainer:
                 after(1)
                 return info, 1
 
-        self._loop(stage, iters, body)
+        try:
+            self._loop(stage, iters, body)
+        finally:
+            if labelled is not None:
+                labelled.close()
 
     def span_context(self, stage: str, mode: str, batches: Batches, start: int, count: int,
                      labelled: Batches | None = None) -> SpanContext:
@@ -408,7 +401,8 @@ class Trainer:
         train = self.datasets["train"]
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg["seed"]))
         keep = max(1, round(fraction * len(train)))
-        labelled = Batches(Subset(train, order[:keep].tolist()), self.cfg["batch_size"], self.cfg["seed"] + 2, stage)
+        labelled = Batches(Subset(train, order[:keep].tolist()), self.cfg["batch_size"], self.cfg["seed"] + 2, stage,
+                           workers=self.cfg["dataset"]["workers"], pin_memory=self.device.type == "cuda")
         labelled.tasks = (target,)  # type: ignore[attr-defined]
         return labelled
 
@@ -452,20 +446,28 @@ class Trainer:
 
     def _per_task(self, batches: Batches) -> dict[str, Batches]:
         """AutoMTL's per-task loaders: one deterministic batch order per task over the same split."""
-        key = (id(batches.dataset), batches.seed, batches.stage)
-        if key not in self._task_batches:
-            self._task_batches[key] = {t: Batches(batches.dataset, batches.batch_size, batches.seed + 1 + i,
-                                                  batches.stage) for i, t in enumerate(self.tasks)}
-        return self._task_batches[key]
+        if id(batches) not in self._task_batches:
+            self._task_batches[id(batches)] = {t: batches.for_task(i) for i, t in enumerate(self.tasks)}
+        return self._task_batches[id(batches)]
+
+    def _close(self, *sources: Batches) -> None:
+        """Stop the workers of a finished stage's batches (and of their per-task loaders)."""
+        for b in sources:
+            for own in self._task_batches.pop(id(b), {}).values():
+                own.close()
+            b.close()
 
     def _stage_pretrain(self) -> None:
-        batches = Batches(self.datasets["train"], self.cfg["batch_size"], self.cfg["seed"], "pretrain")
-        self._run_network_stage("pretrain", self.cfg["stages"]["pretrain"]["iters"], "pretrain", batches)
+        batches = self.batches("train", "pretrain")
+        try:
+            self._run_network_stage("pretrain", self.cfg["stages"]["pretrain"]["iters"], "pretrain", batches)
+        finally:
+            self._close(batches)
 
     def _stage_policy(self) -> None:
         s = self.cfg["stages"]["policy"]
-        train = Batches(self.datasets["train"], self.cfg["batch_size"], self.cfg["seed"], "policy")
-        held = Batches(self.datasets["policy"], self.cfg["batch_size"], self.cfg["seed"] + 1, "policy")
+        train = self.batches("train", "policy")
+        held = self.batches("policy", "policy", seed_offset=1)
         cycle = s["network_steps"] + s["policy_steps"]
 
         self._prepare_scheduler("policy")
@@ -490,7 +492,10 @@ class Trainer:
                 self.state["tau"] = tau * s["tau_decay"]
             return info | {"tau": tau}, 1
 
-        self._loop("policy", s["iters"], body)
+        try:
+            self._loop("policy", s["iters"], body)
+        finally:
+            self._close(train, held)
 
     def _stage_sample(self) -> None:
         """Draw the policy. With ``candidates: k > 1`` the candidates are the argmax policy and k - 1 samples
@@ -557,13 +562,16 @@ class Trainer:
             self.model.load_state_dict(fresh.state_dict())
             if policy is not None:
                 self.model.set_policy(policy)
-        batches = Batches(self.datasets["train"], self.cfg["batch_size"], self.cfg["seed"], "posttrain")
+        batches = self.batches("train", "posttrain")
 
         def lr_steps(count: int) -> None:
             for _ in range(count):
                 self.scheds["posttrain"].step()
 
-        self._run_network_stage("posttrain", s["iters"], "fixed", batches, after=lr_steps)
+        try:
+            self._run_network_stage("posttrain", s["iters"], "fixed", batches, after=lr_steps)
+        finally:
+            self._close(batches)
 
     # ------------------------------------------------------------ report
     def report(self) -> dict[str, Any]:
@@ -576,7 +584,8 @@ class Trainer:
         compact = prune(self.model, policy)
         report = {"tasks": metrics, "directions": {t: self.task_types[t].metric_directions for t in self.tasks},
                   "policy": policy.counts(),
-                  "parameters": {"compact": compact.num_parameters(), **compact.reference}}
+                  "parameters": {"compact": compact.num_parameters(), **compact.reference},
+                  "evaluated": self.evaluated}
         if self.cfg["baselines"]:
             report["delta_m"] = self._delta_m(metrics)
         text = json.dumps(report, indent=1)

@@ -1,0 +1,107 @@
+"""The task-type registry: built-in kinds, aliases, kinds registered at run time, and class paths.
+
+A task type is named by a registered kind (``segment_semantic``, ``depth``, a name given to
+:func:`register_task`) or by a ``package.module:Class`` path to a :class:`TaskType` subclass, which is
+imported on use (configs and Python calls name code; model files never do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar, overload
+
+from ..classpath import class_path_of, construct, is_class_path, load_class
+from ..errors import AutomtlError
+from .base import TaskType
+from .classification import Classification
+from .depth import DepthZBuffer
+from .normal import Normal
+from .segmentation import SegmentSemantic
+
+T = TypeVar("T", bound=type[TaskType])
+
+TASK_TYPES: dict[str, type[TaskType]] = {
+    SegmentSemantic.kind: SegmentSemantic,
+    DepthZBuffer.kind: DepthZBuffer,
+    Normal.kind: Normal,
+    Classification.kind: Classification,
+}
+ALIASES: dict[str, str] = {"depth": DepthZBuffer.kind}
+BUILTIN_KINDS: frozenset[str] = frozenset([*TASK_TYPES, *ALIASES])
+
+
+def canonical_kind(kind: str) -> str:
+    """The registry name of ``kind`` (resolving aliases such as ``depth``); AutomtlError when unknown."""
+    name = ALIASES.get(kind, kind)
+    if name not in TASK_TYPES:
+        known = sorted([*TASK_TYPES, *ALIASES])
+        raise AutomtlError(f"unknown task kind {kind!r}; known kinds: {', '.join(known)} (or name a TaskType "
+                           "subclass as package.module:Class, or register one with register_task)")
+    return name
+
+
+def available_tasks() -> list[str]:
+    """The canonical task kinds (built-in and registered), sorted."""
+    return sorted(TASK_TYPES)
+
+
+def _check_task_class(cls: object, name: str) -> type[TaskType]:
+    if not isinstance(cls, type) or not issubclass(cls, TaskType):
+        raise AutomtlError(f"register_task({name!r}, ...): {cls!r} is not a TaskType subclass; derive the class "
+                           "from automtl_compiler.tasks.TaskType")
+    return cls
+
+
+@overload
+def register_task(name: str, cls: None = None, *, replace: bool = False) -> Callable[[T], T]: ...
+
+
+@overload
+def register_task(name: str, cls: T, *, replace: bool = False) -> T: ...
+
+
+def register_task(name: str, cls: T | None = None, *, replace: bool = False) -> T | Callable[[T], T]:
+    """Make the TaskType subclass ``cls`` available as ``get_task(name)`` (and in configs as ``type: name``).
+
+    Also a class decorator: ``@register_task("keypoints")``. The built-in kinds and aliases cannot be
+    replaced; a name already registered for another class needs ``replace=True`` (registering the same
+    class again, e.g. after a module reload, is fine). Returns the class.
+    """
+    if not isinstance(name, str) or not name or ":" in name or any(c.isspace() for c in name):
+        raise AutomtlError(f"register_task: {name!r} is not a task type name; use a plain name without ':' "
+                           "or spaces")
+
+    def add(task_cls: T) -> T:
+        _check_task_class(task_cls, name)
+        if name in BUILTIN_KINDS:
+            raise AutomtlError(f"register_task: {name!r} is a built-in task kind; choose another name")
+        old = TASK_TYPES.get(name)
+        if old is not None and not replace and class_path_of(old) != class_path_of(task_cls):
+            raise AutomtlError(f"register_task: {name!r} is already registered for {class_path_of(old)}; pass "
+                               "replace=True to replace it")
+        TASK_TYPES[name] = task_cls
+        return task_cls
+
+    return add if cls is None else add(cls)
+
+
+def task_class(type_name: str) -> type[TaskType]:
+    """The TaskType subclass named by a kind, alias, registered name or ``package.module:Class`` path."""
+    if is_class_path(type_name):
+        return load_class(type_name, TaskType, "task type", "automtl_compiler.tasks.TaskType")
+    return TASK_TYPES[canonical_kind(type_name)]
+
+
+def get_task(type_name: str, /, **options: object) -> TaskType:
+    """A task type by kind, alias, registered name or ``package.module:Class``, built with ``options``.
+
+    Options are the class's constructor arguments (e.g. ``num_classes``, ``ignore_index``, ``resize``).
+    Raises AutomtlError for an unknown kind (listing the known ones), a class path that cannot be
+    imported or does not name a TaskType subclass, or options the class does not take.
+    """
+    cls = task_class(type_name)
+    task = construct(cls, type_name, "task type", **options)
+    if not isinstance(getattr(task, "metric_directions", None), dict):
+        raise AutomtlError(f"task type {type_name} has no metric_directions dict (metric name -> True when higher "
+                           "is better); define it on the class")
+    return task  # type: ignore[return-value]
