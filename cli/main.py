@@ -61,8 +61,24 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 _SHAPE = click.option("--input-shape", default=None, metavar="N,C,H,W",
                       help="Input shape (overrides the one a file declares; default 1,3,224,224 for modules).")
-_WEIGHTS = click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                        help="Safetensors (or .caffemodel) weights for a .prototxt source.")
+_TRUST = click.option("--trust-code", is_flag=True,
+                      help="Let heads recorded as package.module:Class in the model files be imported (this runs "
+                           "their code; only for files you trust).")
+_WEIGHTS_FILE = click.option(
+    "--weights", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+    help="Pretrained weights for SOURCE: a PyTorch state_dict (.pth/.pt/.bin/.ckpt, read safely with "
+         "weights_only; checkpoint 'state_dict'/'model' entries and 'module.' prefixes are unwrapped) or "
+         ".safetensors, matched by the module's parameter names (layer1.0.conv1.weight) or IR names "
+         "(node/tensor); a .caffemodel too for a .prototxt. Not for .onnx (it carries its weights).")
+_WEIGHTS_NON_STRICT = click.option(
+    "--weights-non-strict", is_flag=True,
+    help="Ignore tensors in --weights that the network does not use (e.g. a classifier's fc.*); missing or "
+         "mis-shaped tensors are still an error.")
+
+
+def _WEIGHTS(command: Any) -> Any:
+    """The --weights and --weights-non-strict options of every command that loads a backbone."""
+    return _WEIGHTS_FILE(_WEIGHTS_NON_STRICT(command))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,10 +92,13 @@ def main(debug: bool) -> None:
     """
 
 
-def _load(source: str, input_shape: str | None, weights: str | None = None) -> Any:
+def _load(source: str, input_shape: str | None, weights: str | None = None, weights_non_strict: bool = False) -> Any:
     from automtl_compiler import load_backbone
 
-    return load_backbone(source, input_shape=parse_shape(input_shape), weights=weights)
+    if weights_non_strict and weights is None:
+        raise click.UsageError("--weights-non-strict needs --weights")
+    return load_backbone(source, input_shape=parse_shape(input_shape), weights=weights,
+                         strict=not weights_non_strict)
 
 
 @main.command()
@@ -87,7 +106,9 @@ def _load(source: str, input_shape: str | None, weights: str | None = None) -> A
 @_SHAPE
 @_WEIGHTS
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
-def inspect(source: str, input_shape: str | None, weights: str | None, as_json: bool) -> None:
+@_TRUST
+def inspect(source: str, input_shape: str | None, weights: str | None, weights_non_strict: bool, as_json: bool,
+            trust_code: bool) -> None:
     """Show every node of SOURCE (op, output shape, parameters, FLOPs) and the totals.
 
     SOURCE may also be a SuperModel directory written by `automtl compile`.
@@ -95,11 +116,11 @@ def inspect(source: str, input_shape: str | None, weights: str | None, as_json: 
     if (Path(source) / "supermodel.json").is_file():
         from automtl_compiler.nn.supermodel import SuperModel
 
-        model = SuperModel.load(source)
+        model = SuperModel.load(source, trust_code=trust_code)
         click.echo(json.dumps({"tasks": model.tasks, "units": model.unit_names, "depth_levels": model.mt.num_levels,
                                "parameters": model.parameter_counts()}, indent=1) if as_json else model.summary())
         return
-    graph = _load(source, input_shape, weights)
+    graph = _load(source, input_shape, weights, weights_non_strict)
     if not as_json:
         click.echo(graph.summary())
         return
@@ -118,7 +139,8 @@ def inspect(source: str, input_shape: str | None, weights: str | None, as_json: 
 @_SHAPE
 @_WEIGHTS
 @click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True, help="ONNX opset.")
-def convert(source: str, out: str, input_shape: str | None, weights: str | None, opset: int) -> None:
+def convert(source: str, out: str, input_shape: str | None, weights: str | None, weights_non_strict: bool,
+            opset: int) -> None:
     """Convert SOURCE to another format; the output is written only if the conversion succeeds."""
     from automtl_compiler import export_prototxt, save_graph
     from automtl_compiler.backends.onnx_export import export_graph_onnx
@@ -127,7 +149,7 @@ def convert(source: str, out: str, input_shape: str | None, weights: str | None,
     suffix = path.suffix.lower()
     if suffix not in (".prototxt", ".onnx", ".json"):
         raise click.BadParameter(f"'{out}' must end in .prototxt, .onnx or .json", param_hint="-o")
-    graph = _load(source, input_shape, weights)
+    graph = _load(source, input_shape, weights, weights_non_strict)
     if suffix == ".prototxt":
         export_prototxt(graph, path)
         click.echo(f"wrote {path} and {path.with_suffix('.safetensors')}")
@@ -167,7 +189,7 @@ def parse_task(text: str) -> tuple[str, int]:
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
               help="Directory to write the SuperModel to.")
 def compile_(backbone: str, tasks: tuple[str, ...], head: str, head_hidden: int, feature_node: str | None,
-             input_shape: str | None, weights: str | None, out: str) -> None:
+             input_shape: str | None, weights: str | None, weights_non_strict: bool, out: str) -> None:
     """Compile BACKBONE into a multi-task SuperModel with a head per --task."""
     from automtl_compiler import build_supermodel
     from automtl_compiler.nn.heads import make_head
@@ -178,7 +200,7 @@ def compile_(backbone: str, tasks: tuple[str, ...], head: str, head_hidden: int,
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise click.BadParameter(f"task name(s) {dup} given twice", param_hint="--task")
-    graph = _load(backbone, input_shape, weights)
+    graph = _load(backbone, input_shape, weights, weights_non_strict)
     feature = feature_node or find_feature_node(graph)
     if feature not in graph:
         raise AutomtlError(f"feature node '{feature}' is not in {backbone}; see `automtl inspect {backbone}`")
@@ -229,11 +251,12 @@ def _write_directory(out: Path, save: Any) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --strategy sample.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
               help="Policy JSON file to write.")
-def sample(supermodel: str, strategy: str, seed: int, out: str) -> None:
+@_TRUST
+def sample(supermodel: str, strategy: str, seed: int, out: str, trust_code: bool) -> None:
     """Draw a discrete policy from a SuperModel's policy logits and write it as JSON."""
     from automtl_compiler.nn.supermodel import SuperModel
 
-    model = SuperModel.load(supermodel)
+    model = SuperModel.load(supermodel, trust_code=trust_code)
     policy = model.sample_policy(strategy, seed=seed)
     policy.save(out)
     for task, counts in policy.counts().items():
@@ -248,14 +271,15 @@ def sample(supermodel: str, strategy: str, seed: int, out: str) -> None:
               help="Policy JSON (from `automtl sample`).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
               help="Directory to write the compact model to.")
-def prune_(supermodel: str, policy_path: str, out: str) -> None:
+@_TRUST
+def prune_(supermodel: str, policy_path: str, out: str, trust_code: bool) -> None:
     """Prune SUPERMODEL_DIR to a policy: the compact multi-task model, shared work and weights once."""
     from automtl_compiler.nn.compact import prune
     from automtl_compiler.nn.policy import Policy
     from automtl_compiler.nn.supermodel import SuperModel
 
     policy = Policy.load(policy_path)
-    model = SuperModel.load(supermodel)
+    model = SuperModel.load(supermodel, trust_code=trust_code)
     policy.check(model.tasks, model.unit_names, where=policy_path)
     compact = prune(model, policy)
     _write_directory(Path(out), compact.save)
@@ -274,8 +298,9 @@ def prune_(supermodel: str, policy_path: str, out: str) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip running the file in onnxruntime against PyTorch.")
 @click.option("--input-shape", default=None, metavar="N,C,H,W",
               help="Example input shape (default: the compact model's input shape).")
+@_TRUST
 def export(compact: str, out: str, task: str | None, opset: int, dynamic_hw: bool, static_batch: bool,
-           no_verify: bool, input_shape: str | None) -> None:
+           no_verify: bool, input_shape: str | None, trust_code: bool) -> None:
     """Export a compact model (from `automtl prune`) to ONNX: one input, one output per task."""
     from automtl_compiler.backends.onnx_export import export_onnx
     from automtl_compiler.nn.compact import CompactModel
@@ -283,7 +308,7 @@ def export(compact: str, out: str, task: str | None, opset: int, dynamic_hw: boo
     path = Path(out)
     if path.suffix.lower() != ".onnx":
         raise click.BadParameter(f"'{out}' must end in .onnx", param_hint="-o")
-    model = CompactModel.load(compact)
+    model = CompactModel.load(compact, trust_code=trust_code)
     export_onnx(model, path, input_shape=parse_shape(input_shape), opset=opset, dynamic_batch=not static_batch,
                 dynamic_hw=dynamic_hw, verify=not no_verify, task=task)
     tasks = [task] if task else model.tasks
@@ -328,6 +353,20 @@ def bench(model: str, batch: int, provider: str, repeat: int, warmup: int, threa
         click.echo(note)
 
 
+_RUN_WEIGHTS = click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                            help="Pretrained backbone weights (the config's backbone_weights): a state_dict "
+                                 ".pth/.pt or a .safetensors file.")
+
+
+def _weights_override(weights: str | None) -> list[str]:
+    """``--weights PATH`` as the config override it stands for (a path that YAML reads back as a string)."""
+    if weights is None:
+        return []
+    import json
+
+    return [f"backbone_weights={json.dumps(str(Path(weights)))}"]
+
+
 @main.command()
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
@@ -338,15 +377,16 @@ def bench(model: str, batch: int, provider: str, repeat: int, warmup: int, threa
 @click.option("--resume", is_flag=True, help="Require an earlier run of the same config in --out to resume.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever run is in --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@_RUN_WEIGHTS
 def train(config: str | None, out: str, overrides: tuple[str, ...], baseline: str | None, resume: bool,
-          overwrite: bool, quiet: bool) -> None:
+          overwrite: bool, quiet: bool, weights: str | None) -> None:
     """Train a compiled SuperModel through AutoMTL's stages (CONFIG: YAML; default: the built-in config).
 
     Started again with the same command after a crash or kill, a run resumes from its last checkpoint.
     """
     from automtl_compiler.train.run import train as run_training
 
-    report = run_training(config, list(overrides), out, resume=resume, overwrite=overwrite, progress=not quiet,
+    report = run_training(config, [*_weights_override(weights), *overrides], out, resume=resume, overwrite=overwrite, progress=not quiet,
                           baseline=baseline)
     for task, metrics in report["tasks"].items():
         click.echo(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
@@ -365,8 +405,9 @@ def train(config: str | None, out: str, overrides: tuple[str, ...], baseline: st
 @click.option("--no-references", is_flag=True, help="Do not train the single-task references (no Δm).")
 @click.option("--overwrite", is_flag=True, help="Replace whatever run is in --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@_RUN_WEIGHTS
 def run(config: str | None, out: str | None, quick: bool, overrides: tuple[str, ...], no_references: bool,
-        overwrite: bool, quiet: bool) -> None:
+        overwrite: bool, quiet: bool, weights: str | None) -> None:
     """Backbone to verified ONNX in one command: train, sample, prune, export, benchmark.
 
     CONFIG is a YAML training config (default: the built-in one - ResNet-18 and three dense tasks on the
@@ -378,7 +419,7 @@ def run(config: str | None, out: str | None, quick: bool, overrides: tuple[str, 
     from automtl_compiler.pipeline import summary
 
     out = out or str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"))
-    report = run_pipeline(config, out, quick=quick, overrides=list(overrides), references=not no_references,
+    report = run_pipeline(config, out, quick=quick, overrides=[*_weights_override(weights), *overrides], references=not no_references,
                           overwrite=overwrite, progress=not quiet)
     click.echo(summary(report))
 

@@ -16,46 +16,101 @@ DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 
 
 def load_backbone(source: Any, *, input_shape: tuple[int, ...] | None = None,
-                  weights: str | Path | None = None) -> Graph:
-    """Read a backbone into the IR.
+                  weights: str | Path | None = None, strict: bool = True) -> Graph:
+    """Read a backbone into the IR, optionally with pretrained weights.
 
     ``source`` is an ``nn.Module`` (traced with torch.fx), a ``.prototxt`` path (AutoMTL dialect or
     genuine Caffe), an ``.onnx`` path, a graph ``.json`` written by :func:`save_graph`, or
-    ``torchvision:NAME`` (a torchvision model with random weights), or ``package.module:function`` (your
+    ``torchvision:NAME`` (a torchvision model; nothing is downloaded), or ``package.module:function`` (your
     code: the function is called with no arguments and must return an ``nn.Module``). ``input_shape`` overrides the shape a
-    file declares (and is the tracing shape for modules, default ``(1, 3, 224, 224)``). ``weights`` is an
-    optional safetensors file for prototxt sources.
+    file declares (and is the tracing shape for modules, default ``(1, 3, 224, 224)``). A relative
+    ``models/NAME.prototxt`` that does not exist in the working directory is the one installed with the
+    package (``models/deeplab_resnet34.prototxt``, AutoMTL's backbone, and torchvision's ResNets etc.).
+
+    ``weights`` is a PyTorch state-dict file (``.pth``/``.pt``/``.bin``/``.ckpt``, read with
+    ``weights_only=True``) or a ``.safetensors`` file, for every source but ``.onnx`` (whose file carries its
+    own weights; giving weights= is an error). Module sources (including ``torchvision:`` and
+    ``package.module:function``) get it by their ``state_dict`` names before tracing; a passed ``nn.Module``
+    is copied first, not modified. ``.prototxt`` sources also take a ``.caffemodel``, and state-dict names
+    map onto layers named as the project's exporter names them; ``.json`` graphs take ``<node>/<tensor>``
+    keys or the module names the graph recorded, replacing the sidecar's tensors. ``strict=False`` ignores
+    tensors the network does not use; missing and mis-shaped tensors are always an error. See
+    :mod:`automtl_compiler.frontends.weights`.
     """
     import torch
 
     if isinstance(source, torch.nn.Module):
-        from .fx import from_module
-        return from_module(source, input_shape=input_shape or DEFAULT_INPUT_SHAPE)
+        if weights is not None:
+            source = _copy_module(source)
+        return _from_module(source, input_shape, weights, strict)
     if not isinstance(source, (str, Path)):
         raise AutomtlError(f"cannot load a backbone from a {type(source).__name__}; give an nn.Module, "
                            "a .prototxt, .onnx or .json path, or torchvision:NAME")
     text = str(source)
     if text.startswith("torchvision:"):
-        from .fx import from_module, torchvision_model
-        return from_module(torchvision_model(text.split(":", 1)[1]), input_shape=input_shape or DEFAULT_INPUT_SHAPE)
+        from .fx import torchvision_model
+        return _from_module(torchvision_model(text.split(":", 1)[1]), input_shape, weights, strict)
     if ENTRY.fullmatch(text):
-        return load_backbone(_call_entry(text), input_shape=input_shape)
+        return _from_module(_call_entry(text), input_shape, weights, strict)
     path = Path(text)
     suffix = path.suffix.lower()
     if suffix == ".prototxt":
         from .prototxt import load_prototxt
-        return load_prototxt(path, input_shape=input_shape, weights=weights)
+        return load_prototxt(_builtin_model(path), input_shape=input_shape, weights=weights, strict=strict)
     if suffix == ".onnx":
         from .onnx import load_onnx
+        if weights is not None:
+            raise AutomtlError(f"{path}: an .onnx file carries its own weights (its initialisers), so weights= "
+                               f"({weights}) cannot be applied; export the ONNX file from the model with the "
+                               "weights loaded, or load the PyTorch model or a .prototxt/.json of it with weights=")
         return load_onnx(path, input_shape=input_shape)
     if suffix == ".json":
         from ..ir.serialize import load_graph
-        return load_graph(path)
+        graph = load_graph(path)
+        if weights is not None:
+            from .weights import load_into_graph
+            load_into_graph(graph, weights, strict=strict)
+            graph.materialise(seed=0)
+        return graph
     if not path.exists():
         raise FileFormatError(f"{path}: no such file (and not torchvision:NAME or package.module:function); "
                               "check the path")
     raise FileFormatError(f"{path}: unknown backbone format '{suffix or 'no suffix'}'; use .prototxt, .onnx, "
                           ".json, torchvision:NAME, package.module:function, or pass an nn.Module")
+
+
+def _builtin_model(path: Path) -> Path:
+    """``models/NAME.prototxt`` that does not exist here is the copy installed with the package (the
+    configs name the built-in backbones so); any other path is returned as it is."""
+    if path.exists() or path.is_absolute() or path.parent != Path("models"):
+        return path
+    from importlib.resources import files
+
+    packaged = files("automtl_compiler.models") / path.name
+    return Path(str(packaged)) if packaged.is_file() else path
+
+
+def _from_module(module: Any, input_shape: tuple[int, ...] | None, weights: str | Path | None,
+                 strict: bool) -> Graph:
+    """Load ``weights`` (if any) into ``module`` by its state-dict names, then trace it."""
+    from .fx import from_module
+
+    if weights is not None:
+        from .weights import load_into_module
+        load_into_module(module, weights, strict=strict)
+    return from_module(module, input_shape=input_shape or DEFAULT_INPUT_SHAPE)
+
+
+def _copy_module(module: Any) -> Any:
+    """A deep copy of the caller's module, so that loading weights does not change their model."""
+    import copy
+
+    try:
+        return copy.deepcopy(module)
+    except Exception as e:  # noqa: BLE001 - arbitrary user modules: report it in one line
+        raise AutomtlError(f"cannot copy {type(module).__name__} to load weights into it ({type(e).__name__}: "
+                           f"{e}); call model.load_state_dict(...) yourself and pass the model without "
+                           "weights=") from None
 
 
 ENTRY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*")

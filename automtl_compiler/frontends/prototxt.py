@@ -51,11 +51,17 @@ automtl extensions (written by :mod:`automtl_compiler.backends.prototxt`, read b
 Weights
     Without ``weights`` the tensors are initialised deterministically (``materialise(seed=0)``).
     ``weights`` is given explicitly (a sidecar next to the prototxt is never picked up on its own):
-    a ``.safetensors`` file keyed ``<layer>/<tensor>`` as :func:`export_prototxt` writes it, or a
+    a ``.safetensors`` or PyTorch state-dict file (``.pth``/``.pt``/``.bin``/``.ckpt``, read with
+    ``weights_only=True``; checkpoints unwrapped), keyed ``<layer>/<tensor>`` as :func:`export_prototxt`
+    writes it or by torch module names (``layer1.0.conv1.weight``, ``bn1.running_mean``), which name the
+    layer the exporter wrote for that module (``layer1_0_conv1``; see
+    :mod:`automtl_compiler.frontends.weights`), so torchvision's ImageNet ``resnet34`` file loads into
+    ``models/deeplab_resnet34.prototxt`` with ``strict=False`` (its ``fc`` is not in the network). Or a
     binary ``.caffemodel`` (``NetParameter`` with layer blobs: Convolution/InnerProduct weight and
     bias; BatchNorm mean, variance and Caffe's moving-average normaliser, then weight and bias for an
-    affine AutoMTL batch norm; a folded Scale's gamma and beta). Every tensor name and shape must
-    match; ``num_batches_tracked`` may be absent.
+    affine AutoMTL batch norm; a folded Scale's gamma and beta). Every tensor the network needs must be
+    given with its shape (``num_batches_tracked`` may be absent); unexpected tensors are an error unless
+    ``strict=False``.
 """
 
 from __future__ import annotations
@@ -83,6 +89,12 @@ from ..errors import (
 from ..ir.graph import Graph, Node
 from ..ir.ops import get_op, tensor_shapes
 from ..proto import caffe_pb2
+from .weights import (
+    STATE_DICT_SUFFIXES,
+    TORCH_SUFFIXES,
+    assign_to_graph,
+    read_state_dict,
+)
 
 Shape = tuple[int, ...]
 
@@ -679,7 +691,7 @@ def _blob_tensor(blob: Any) -> tuple[torch.Tensor, bool]:
     return t.reshape(shape), legacy
 
 
-def _read_caffemodel(path: Path, layout: dict[str, tuple[str, str]]) -> dict[str, torch.Tensor]:
+def _read_caffemodel(path: Path, layout: dict[str, tuple[str, str]], strict: bool) -> dict[str, torch.Tensor]:
     net = caffe_pb2.NetParameter()
     try:
         net.ParseFromString(path.read_bytes())
@@ -717,67 +729,33 @@ def _read_caffemodel(path: Path, layout: dict[str, tuple[str, str]]) -> dict[str
                                       "optionally bias")
             for key, t in zip(("weight", "bias"), blobs):
                 out[f"{node}/{key}"] = t
-    if unexpected:
+    if unexpected and strict:
         raise FileFormatError(f"{path}: blobs for layer(s) {unexpected} that the network has no weights for")
     return out
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FileFormatError(f"{path}: corrupt safetensors file ({e})") from None
-
-
-def _load_weights(graph: Graph, path: Path, layout: dict[str, tuple[str, str]], optional: set[str]) -> None:
+def _load_weights(graph: Graph, path: Path, layout: dict[str, tuple[str, str]], optional: set[str],
+                  strict: bool) -> None:
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        given = _read_safetensors(path)
-    elif suffix == ".caffemodel":
-        given = _read_caffemodel(path, layout)
+    if suffix == ".caffemodel":
+        given = _read_caffemodel(path, layout, strict)
+    elif suffix in STATE_DICT_SUFFIXES:
+        given = read_state_dict(path)
     else:
-        raise FileFormatError(f"{path}: unknown weights format '{suffix or 'no suffix'}'; give a .safetensors "
-                              "file (keys <layer>/<tensor>) or a binary .caffemodel")
-    have: dict[str, tuple[tuple[int, ...], bool]] = {}
-    for name, (params, buffers) in graph.tensor_specs().items():
-        have.update({f"{name}/{k}": (shape, False) for k, shape in params.items()})
-        have.update({f"{name}/{k}": (shape, True) for k, shape in buffers.items()})
-    missing = sorted(k for k in have if k not in given and k not in optional)
-    unexpected = sorted(k for k in given if k not in have)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:20])}" +
-                         (" ..." if len(missing) > 20 else ""))
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:20])}" +
-                         (" ..." if len(unexpected) > 20 else ""))
-        raise FileFormatError(f"{path}: weights do not match the network: " + "; ".join(parts))
-    for key, value in given.items():
-        name, tensor = key.rsplit("/", 1)
-        node = graph.node(name)
-        want, is_buffer = have[key]
-        if tuple(value.shape) != tuple(want):
-            squeezed = [d for d in value.shape if d != 1] == [d for d in want if d != 1]
-            if not (suffix == ".caffemodel" and squeezed):
-                raise ShapeError(f"{path}: tensor '{key}' has shape {list(value.shape)}, the network needs "
-                                 f"{list(want)} ({node.where})")
-            value = value.reshape(want)
-        dtype = torch.long if tensor == "num_batches_tracked" else torch.float32
-        (node.buffers if is_buffer else node.params)[tensor] = value.to(dtype)
+        raise FileFormatError(f"{path}: unknown weights format '{suffix or 'no suffix'}'; give a .safetensors or "
+                              f"PyTorch state_dict ({', '.join(TORCH_SUFFIXES)}) file, or a binary .caffemodel")
+    assign_to_graph(graph, given, path, strict=strict, optional=optional, squeeze_ok=suffix == ".caffemodel")
 
 
 def load_prototxt(path: str | Path, *, input_shape: tuple[int, ...] | None = None,
-                  weights: str | Path | None = None) -> Graph:
+                  weights: str | Path | None = None, strict: bool = True) -> Graph:
     """Read a Caffe ``.prototxt`` (genuine or AutoMTL dialect) into a materialised Graph.
 
     ``input_shape`` overrides the single input's declared shape. ``weights`` (optional, never implied) is
-    a ``.safetensors`` file keyed ``<layer>/<tensor>`` (as ``export_prototxt`` writes) or a binary
-    ``.caffemodel``; without it tensors are initialised with ``materialise(seed=0)``. See the module
-    docstring for the dialect rules.
+    a ``.safetensors`` or PyTorch state-dict file keyed ``<layer>/<tensor>`` (as ``export_prototxt``
+    writes) or by torch module names (``layer1.0.conv1.weight``), or a binary ``.caffemodel``; without it
+    tensors are initialised with ``materialise(seed=0)``. ``strict=False`` ignores tensors the network
+    does not use. See the module docstring for the dialect rules.
     """
     path = require_file(path, "prototxt file")
     net, text = _parse_text(path)
@@ -785,7 +763,7 @@ def load_prototxt(path: str | Path, *, input_shape: tuple[int, ...] | None = Non
     graph = builder.build()
     if weights is not None:
         graph.materialise(complete=False)
-        _load_weights(graph, require_file(weights, "weights file"), builder.caffe_layout, builder.optional)
+        _load_weights(graph, require_file(weights, "weights file"), builder.caffe_layout, builder.optional, strict)
     return graph.materialise(seed=0)
 
 
