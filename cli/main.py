@@ -87,8 +87,8 @@ def _WEIGHTS(command: Any) -> Any:
 def main(debug: bool) -> None:
     """automtl: compile CNN backbones into multi-task networks.
 
-    SOURCE arguments accept a .prototxt (AutoMTL or Caffe), an .onnx file, an automtl graph .json, or
-    torchvision:NAME (random weights).
+    SOURCE arguments accept a .prototxt (AutoMTL or Caffe), an .onnx file, an automtl graph .json,
+    torchvision:NAME or package.module:function; --weights gives them pretrained weights.
     """
 
 
@@ -353,18 +353,14 @@ def bench(model: str, batch: int, provider: str, repeat: int, warmup: int, threa
         click.echo(note)
 
 
-_RUN_WEIGHTS = click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                            help="Pretrained backbone weights (the config's backbone_weights): a state_dict "
-                                 ".pth/.pt or a .safetensors file.")
-
-
-def _weights_override(weights: str | None) -> list[str]:
-    """``--weights PATH`` as the config override it stands for (a path that YAML reads back as a string)."""
+def _weights_override(weights: str | None, non_strict: bool) -> list[str]:
+    """``--weights PATH [--weights-non-strict]`` as the config overrides they stand for (``backbone_weights``,
+    ``backbone_weights_strict``; the path quoted so that YAML reads it back as a string)."""
     if weights is None:
+        if non_strict:
+            raise click.UsageError("--weights-non-strict needs --weights")
         return []
-    import json
-
-    return [f"backbone_weights={json.dumps(str(Path(weights)))}"]
+    return [f"backbone_weights={json.dumps(str(Path(weights)))}", f"backbone_weights_strict={str(not non_strict).lower()}"]
 
 
 @main.command()
@@ -377,16 +373,16 @@ def _weights_override(weights: str | None) -> list[str]:
 @click.option("--resume", is_flag=True, help="Require an earlier run of the same config in --out to resume.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever run is in --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@_RUN_WEIGHTS
+@_WEIGHTS
 def train(config: str | None, out: str, overrides: tuple[str, ...], baseline: str | None, resume: bool,
-          overwrite: bool, quiet: bool, weights: str | None) -> None:
+          overwrite: bool, quiet: bool, weights: str | None, weights_non_strict: bool) -> None:
     """Train a compiled SuperModel through AutoMTL's stages (CONFIG: YAML; default: the built-in config).
 
     Started again with the same command after a crash or kill, a run resumes from its last checkpoint.
     """
     from automtl_compiler.train.run import train as run_training
 
-    report = run_training(config, [*_weights_override(weights), *overrides], out, resume=resume, overwrite=overwrite, progress=not quiet,
+    report = run_training(config, [*_weights_override(weights, weights_non_strict), *overrides], out, resume=resume, overwrite=overwrite, progress=not quiet,
                           baseline=baseline)
     for task, metrics in report["tasks"].items():
         click.echo(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
@@ -405,9 +401,9 @@ def train(config: str | None, out: str, overrides: tuple[str, ...], baseline: st
 @click.option("--no-references", is_flag=True, help="Do not train the single-task references (no Δm).")
 @click.option("--overwrite", is_flag=True, help="Replace whatever run is in --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@_RUN_WEIGHTS
+@_WEIGHTS
 def run(config: str | None, out: str | None, quick: bool, overrides: tuple[str, ...], no_references: bool,
-        overwrite: bool, quiet: bool, weights: str | None) -> None:
+        overwrite: bool, quiet: bool, weights: str | None, weights_non_strict: bool) -> None:
     """Backbone to verified ONNX in one command: train, sample, prune, export, benchmark.
 
     CONFIG is a YAML training config (default: the built-in one - ResNet-18 and three dense tasks on the
@@ -419,7 +415,7 @@ def run(config: str | None, out: str | None, quick: bool, overrides: tuple[str, 
     from automtl_compiler.pipeline import summary
 
     out = out or str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"))
-    report = run_pipeline(config, out, quick=quick, overrides=[*_weights_override(weights), *overrides], references=not no_references,
+    report = run_pipeline(config, out, quick=quick, overrides=[*_weights_override(weights, weights_non_strict), *overrides], references=not no_references,
                           overwrite=overwrite, progress=not quiet)
     click.echo(summary(report))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,13 +40,38 @@ def require_dir(path: Path, layout: str) -> Path:
     return path
 
 
+MAX_PIXELS = 1 << 28          # largest image accepted from a file (268 M pixels), checked before decoding
+WIDE_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+              "F": "32-bit float"}
+MAX_ARRAY_BYTES = 1 << 33     # largest .npy accepted (8 GiB): a corrupt header cannot exhaust memory
+
+
 def load_npy(path: Path, layout: str) -> np.ndarray:
-    """``numpy.load(path, allow_pickle=False)`` with every failure turned into a FileFormatError."""
+    """``numpy.load(path, allow_pickle=False)`` with every failure turned into a FileFormatError.
+
+    The header is read first: an array whose declared size disagrees with the file's size (truncated or
+    corrupt), exceeds ``MAX_ARRAY_BYTES`` or holds Python objects is rejected before anything is allocated.
+    """
     if not path.is_file():
         raise FileFormatError(f"{path}: file not found; expected {layout}")
     try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            if dtype.hasobject:
+                raise ValueError("it holds Python objects (pickled data), which are never loaded")
+            declared = math.prod(shape) * dtype.itemsize
+            if declared > MAX_ARRAY_BYTES:
+                raise ValueError(f"its header declares {declared} bytes, more than the {MAX_ARRAY_BYTES} accepted")
+            remaining = path.stat().st_size - f.tell()
+            if remaining != declared:
+                raise ValueError(f"its header declares shape {shape} of {dtype} ({declared} bytes) but "
+                                 f"{remaining} bytes follow: truncated or corrupt")
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, TypeError) as exc:
         raise FileFormatError(f"{path}: not a readable .npy array ({exc}); expected {layout}") from None
     if not isinstance(arr, np.ndarray):
         raise FileFormatError(f"{path}: holds an archive, not one array; expected {layout}")
@@ -54,20 +80,77 @@ def load_npy(path: Path, layout: str) -> np.ndarray:
     return arr
 
 
-def load_png(path: Path, layout: str) -> np.ndarray:
-    """A PNG as a numpy array (uint8 RGB/grey, or uint16/int32 for 16-bit images)."""
+def read_image(path: Path, layout: str, *, palette_to_rgb: bool = True, rgb: bool = False) -> tuple[np.ndarray, str]:
+    """An image file as ``(array, PIL mode of the file)``: uint8 grey/RGB, uint16/int32 for 16-bit grey.
+
+    With ``palette_to_rgb`` palette and RGBA images are converted to RGB; without it a palette image gives
+    its palette indices. With ``rgb`` every 8-bit image is converted to RGB [H, W, 3] uint8 and images of
+    more than 8 bits per channel are an error. The size is checked before the pixels are decoded.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
         raise FileFormatError(f"{path}: file not found; expected {layout}")
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise FileFormatError(f"{path}: image of {w}x{h} pixels is larger than the {MAX_PIXELS} accepted")
+            mode = im.mode
+            if rgb and mode in WIDE_MODES:
+                raise FileFormatError(f"{path}: a {WIDE_MODES[mode]} image; images must be 8-bit RGB or greyscale "
+                                      "(convert it, e.g. with PIL: im.convert('RGB'))")
             im.load()
-            if im.mode == "P" or im.mode == "RGBA":
-                im = im.convert("RGB")
-            return np.array(im)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+            if rgb:
+                return np.array(im if mode == "RGB" else im.convert("RGB")), mode
+            if palette_to_rgb and mode in ("P", "PA", "RGBA"):
+                return np.array(im.convert("RGB")), mode
+            return np.array(im), mode
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise FileFormatError(f"{path}: not a readable image ({exc}); expected {layout}") from None
+
+
+def load_png(path: Path, layout: str) -> np.ndarray:
+    """A PNG as a numpy array (uint8 RGB/grey, or uint16/int32 for 16-bit images; palette and RGBA
+    images converted to RGB)."""
+    return read_image(path, layout)[0]
+
+
+def labels_to_tensor(arr: np.ndarray, path: Path, num_classes: int | None, ignore_index: int,
+                     hint: str = "") -> torch.Tensor:
+    """Class ids as int64. Negative values become ``ignore_index`` (a value equal to it is kept: no
+    label); any other value ``>= num_classes`` (when known), and fractional or non-finite values, are a
+    FileFormatError naming the file, the value and the class count (``hint`` says what to do)."""
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise FileFormatError(f"{path}: labels contain NaN or infinity; class ids must be integers")
+        frac = arr != np.floor(arr)
+        if frac.any():
+            raise FileFormatError(f"{path}: label value {float(arr[frac].flat[0])} is not an integer class id")
+    elif arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    lab = torch.from_numpy(np.ascontiguousarray(arr)).long()
+    lab = lab.masked_fill(lab < 0, ignore_index)
+    if num_classes is not None:
+        bad = (lab >= num_classes) & (lab != ignore_index)
+        if bool(bad.any()):
+            raise FileFormatError(
+                f"{path}: label value {int(lab[bad].max())} ({int(bad.sum())} pixels) is outside the "
+                f"{num_classes} classes 0..{num_classes - 1} (negative values and {ignore_index} mean no label); "
+                f"{hint or 'fix the labels or give the right number of classes'}")
+    return lab
+
+
+def check_same_size(path: Path, hw: Sequence[int], image_path: Path, image_hw: Sequence[int]) -> None:
+    """FileFormatError unless a target's height/width ``hw`` equals its image's ``image_hw``."""
+    if tuple(hw) != tuple(image_hw):
+        raise FileFormatError(f"{path}: target of {hw[0]}x{hw[1]} (height x width) but its image {image_path} is "
+                              f"{image_hw[0]}x{image_hw[1]}; every target must have its image's size")
+
+
+def natural_key(text: str) -> list[tuple[int, int, str]]:
+    """Sort key ordering embedded numbers by value (``img2`` before ``img10``)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part]
 
 
 def check_shape(arr: np.ndarray, path: Path, expected: str, ok: bool) -> None:
@@ -90,17 +173,56 @@ def index_files(folder: Path, suffix: str, layout: str) -> list[str]:
     return sorted(stems, key=int)
 
 
+class SharedEpoch:
+    """``epoch`` and ``set_epoch`` for augmenting datasets, working with DataLoader worker processes.
+
+    Workers hold copies of the dataset (made once with ``persistent_workers``). ``set_epoch`` called in the
+    main process writes the epoch into shared memory, so workers that never call it themselves see it at
+    the next ``iter(loader)``. ``set_epoch`` called inside a worker (a loader that sends the epoch along with
+    each batch's indices) sets that worker's own epoch, which then takes precedence there and does not
+    touch any other process.
+    """
+
+    _epoch_cell: torch.Tensor | None = None
+    _own_epoch: int | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose augmentation draws ``__getitem__`` uses."""
+        if self._own_epoch is not None:
+            return self._own_epoch
+        return 0 if self._epoch_cell is None else int(self._epoch_cell)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.set_epoch(value)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the augmentation draw: sample ``i`` in epoch ``e`` is augmented the same way in every run."""
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is not None:
+            self._own_epoch = int(epoch)
+            return
+        if self._epoch_cell is None:
+            self._epoch_cell = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._epoch_cell.fill_(int(epoch))
+        self._own_epoch = None
+
+
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The augmentation generator of one sample in one epoch (independent of worker and call order)."""
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, index, 0x5EED]))
 
 
-def hflip(image: torch.Tensor, targets: dict[str, torch.Tensor]) -> Sample:
-    """Mirror left-right; normals get their x component negated (the x axis points right in the image)."""
+def hflip(image: torch.Tensor, targets: dict[str, torch.Tensor], normals: Sequence[str] = ("normal",)) -> Sample:
+    """Mirror left-right; the targets named in ``normals`` get their x component negated (the x axis points
+    right in the image)."""
     out = {k: v.flip(-1) for k, v in targets.items()}
-    if "normal" in out:
-        out["normal"] = out["normal"].clone()
-        out["normal"][0] = -out["normal"][0]
+    for k in normals:
+        if k in out:
+            out[k] = out[k].clone()
+            out[k][0] = -out[k][0]
     return image.flip(-1), out
 
 

@@ -25,12 +25,14 @@ from torch.utils.data import Dataset
 from ..errors import AutomtlError, FileFormatError
 from ._common import (
     Sample,
+    SharedEpoch,
     check_scales,
     check_shape,
     checked_index,
     hflip,
     hwc_to_chw,
     index_files,
+    labels_to_tensor,
     load_npy,
     require_dir,
     sample_rng,
@@ -41,7 +43,7 @@ from .synthetic import _check_tasks
 MTAN_SPLITS = ("train", "val")
 
 
-class MTANLayoutDataset(Dataset):
+class MTANLayoutDataset(SharedEpoch, Dataset):
     """Common reader; subclasses set ``name``, the task -> folder map, and the depth scaling rule."""
 
     name = "mtan"
@@ -87,9 +89,9 @@ class MTANLayoutDataset(Dataset):
         return (f"MTAN's preprocessed layout <root>/{{train,val}}/{{{dirs}}}/<index>.npy with images "
                 f"[H, W, 3], labels [H, W], depth [H, W, 1], normals [H, W, 3]")
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the augmentation draw: sample ``i`` in epoch ``e`` is augmented the same way in every run."""
-        self.epoch = int(epoch)
+    def label_hint(self) -> str:
+        """What to do about a label outside the class count (said in the error)."""
+        return f"{self.name} has {self.channels['segment_semantic']} classes: check that root holds {self.name}"
 
     def __len__(self) -> int:
         return len(self.stems)
@@ -119,11 +121,8 @@ class MTANLayoutDataset(Dataset):
             if t == "segment_semantic":
                 check_shape(arr, path, f"[H, W] = {list(hw)} (as its image)",
                             arr.shape == hw or arr.shape == (*hw, 1))
-                arr = arr.reshape(hw)
-                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                    raise AutomtlError(f"{path}: labels contain NaN or infinity")
-                lab = torch.from_numpy(np.ascontiguousarray(arr)).long()
-                targets[t] = lab.masked_fill(lab < 0, self.ignore_index)
+                targets[t] = labels_to_tensor(arr.reshape(hw), path, self.channels[t], self.ignore_index,
+                                              self.label_hint())
             elif t == "depth_zbuffer":
                 check_shape(arr, path, f"[H, W, 1] = {[*hw, 1]} (as its image)",
                             arr.shape == (*hw, 1) or arr.shape == hw)

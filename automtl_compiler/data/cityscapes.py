@@ -40,3 +40,8 @@ class Cityscapes(MTANLayoutDataset):
         self.folders = {"segment_semantic": f"label_{num_classes}", "depth_zbuffer": "depth"}
         self.channels = {"segment_semantic": num_classes, "depth_zbuffer": 1}
         super().__init__(root, split, tasks, augment, scales, flip, ignore_index, seed)
+
+    def label_hint(self) -> str:
+        """What to do about a label outside the class count (said in the error)."""
+        n = self.channels["segment_semantic"]
+        return f"label_{n} should hold the {n}-class set: check the folder or choose num_classes (2, 7 or 19)"

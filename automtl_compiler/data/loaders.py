@@ -43,7 +43,7 @@ def collate(samples: Sequence[tuple[Any, Mapping[str, Any]]]) -> Batch:
         out = {k: torch.stack([torch.as_tensor(s[1][k]) for s in samples]) for k in keys}
     except RuntimeError as exc:
         raise AutomtlError(f"collate: samples of different shapes cannot be stacked ({exc}); resize or crop "
-                           "them to one size") from None
+                           "them to one size (e.g. the dataset option resolution: [H, W])") from None
     return images, out
 
 

@@ -16,6 +16,8 @@ from ..errors import AutomtlError, FileFormatError
 from ..tasks.base import nearest_resize
 from ._common import (
     Sample,
+    SharedEpoch,
+    check_same_size,
     checked_index,
     hflip,
     load_npy,
@@ -30,6 +32,8 @@ TASKONOMY_TASKS = ("segment_semantic", "normal", "depth_zbuffer")
 TASKONOMY_SPLITS = ("train", "val", "test", "test_small")
 # file-name domain of each task in Taskonomy's naming scheme (folder name = task kind)
 DOMAINS = {"segment_semantic": "segmentsemantic", "normal": "normal", "depth_zbuffer": "depth_zbuffer"}
+NUM_CLASSES = 17               # segmentation classes; a PNG stores class + 1, 0 = unlabelled
+UNLABELLED_HIGH = 255          # an 8-bit label value also read as "no label" (the usual void value)
 DEPTH_INVALID = 64500          # raw depth values >= this are "no measurement" (AutoMTL's make_depth_mask)
 LAYOUT = ("Taskonomy's layout: <root>/taskonomy.json mapping each split to rows [rgb, segment_semantic, "
           "normal, depth_zbuffer, ...] of paths relative to <root> or <root>/<split dir>; or, without the "
@@ -38,7 +42,7 @@ LAYOUT = ("Taskonomy's layout: <root>/taskonomy.json mapping each split to rows 
           "depth_zbuffer}.png")
 
 
-class Taskonomy(Dataset):
+class Taskonomy(SharedEpoch, Dataset):
     """Tiny Taskonomy in the layout AutoMTL/AdaShare read (an assumption: see below).
 
     **Index.** AdaShare reads ``<root>/taskonomy.json``; AutoMTL the same file from its own ``data/utils``.
@@ -55,13 +59,17 @@ class Taskonomy(Dataset):
 
     **Decoding**, following AutoMTL/AdaShare: every image is first resized to ``resolution`` (256x256; image
     bilinear with antialiasing, where AutoMTL uses nearest; targets nearest). ``segment_semantic``: 8-bit
-    ids, ``v - 1`` for ``v >= 1`` (17 classes), ``v = 0`` (unlabelled, AutoMTL's zero-weight mask) becomes
-    ``ignore_index``. ``normal``: 8-bit RGB mapped to ``[-1, 1]``. ``depth_zbuffer``: 16-bit (1/512 m);
-    ``log(1 + d) / log(2**16)`` as AutoMTL (``depth_units="log"``) or ``d / 512`` metres
+    ids, ``v - 1`` for ``1 <= v <= 17`` (17 classes), ``v = 0`` (unlabelled, AutoMTL's zero-weight mask) and
+    ``v = 255`` become ``ignore_index``; other values are an error naming the file. ``normal``: 8-bit RGB
+    mapped to ``[-1, 1]``. ``depth_zbuffer``: 16-bit (1/512 m); ``log(1 + d) / log(2**16)`` as AutoMTL
+    (``depth_units="log"``) or ``d / 512`` metres
     (``depth_units="metres"``). Pixels with raw depth ``>= 64500`` have no measurement: their depth and
     normal targets are set to 0, the package's "invalid" value (AutoMTL passes a separate mask instead).
     If ``<root>/semseg_prior_factor.npy`` exists, ``class_weights`` holds it (pass it to
     ``get_task("segment_semantic", class_weights=...)`` for AutoMTL's weighted cross-entropy).
+
+    Every label PNG must have its RGB image's size (an error naming the file otherwise), as the resizing
+    to ``resolution`` would otherwise silently misalign them.
 
     **Augmentation** (``augment``, default on for ``train``), as AutoMTL: random rescale in [0.5, 1.5),
     horizontal flip (normals' x negated), random crop to ``crop`` (default ``resolution``) with padding.
@@ -154,13 +162,9 @@ class Taskonomy(Dataset):
             self._resolve(self.rows[i][1 + TASKONOMY_TASKS.index(t)])
 
     # --- samples ---
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the augmentation draw: sample ``i`` in epoch ``e`` is augmented the same way in every run."""
-        self.epoch = int(epoch)
-
     @property
     def num_classes(self) -> dict[str, int]:
-        out = {"segment_semantic": 17, "normal": 3, "depth_zbuffer": 1}
+        out = {"segment_semantic": NUM_CLASSES, "normal": 3, "depth_zbuffer": 1}
         return {t: out[t] for t in self.tasks}
 
     def __len__(self) -> int:
@@ -180,10 +184,11 @@ class Taskonomy(Dataset):
         """Sample ``i`` decoded and resized to ``resolution`` (no augmentation)."""
         row = self.rows[i]
         size = self.resolution
-        path = self._resolve(row[0])
-        rgb = load_png(path, "an 8-bit RGB PNG")
+        rgb_path = self._resolve(row[0])
+        rgb = load_png(rgb_path, "an 8-bit RGB PNG")
         if rgb.ndim != 3 or rgb.shape[2] < 3:
-            raise FileFormatError(f"{path}: image of shape {rgb.shape}, expected an RGB image [H, W, 3]")
+            raise FileFormatError(f"{rgb_path}: image of shape {rgb.shape}, expected an RGB image [H, W, 3]")
+        hw = rgb.shape[:2]
         image = torch.from_numpy(np.ascontiguousarray(rgb[..., :3], dtype=np.float32) / 255.0).permute(2, 0, 1)
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
         image = image.clamp(0, 1)
@@ -195,6 +200,7 @@ class Taskonomy(Dataset):
             raw = load_png(path, "a 16-bit depth PNG")
             if raw.ndim != 2:
                 raise FileFormatError(f"{path}: depth image of shape {raw.shape}, expected one channel [H, W]")
+            check_same_size(path, raw.shape, rgb_path, hw)
             d = nearest_resize(torch.from_numpy(raw.astype(np.float64)), size)
             valid = d < DEPTH_INVALID
             if "depth_zbuffer" in self.tasks:
@@ -205,13 +211,21 @@ class Taskonomy(Dataset):
             seg = load_png(path, "an 8-bit label PNG")
             if seg.ndim != 2:
                 raise FileFormatError(f"{path}: label image of shape {seg.shape}, expected one channel [H, W]")
+            check_same_size(path, seg.shape, rgb_path, hw)
+            bad = (seg > NUM_CLASSES) & (seg != UNLABELLED_HIGH)
+            if bad.any():
+                raise FileFormatError(f"{path}: label value {int(seg[bad].max())} is outside Taskonomy's {NUM_CLASSES} "
+                                      f"classes (stored as 1..{NUM_CLASSES}; 0 and {UNLABELLED_HIGH} mean no label); "
+                                      "check that the file is a segmentsemantic PNG")
             lab = nearest_resize(torch.from_numpy(seg.astype(np.int64)), size)
-            targets["segment_semantic"] = torch.where(lab > 0, lab - 1, self.ignore_index)
+            labelled = (lab > 0) & (lab != UNLABELLED_HIGH)
+            targets["segment_semantic"] = torch.where(labelled, lab - 1, self.ignore_index)
         if "normal" in self.tasks:
             path = self._resolve(row[2])
             nrm = load_png(path, "an 8-bit RGB normal PNG")
             if nrm.ndim != 3 or nrm.shape[2] < 3:
                 raise FileFormatError(f"{path}: normal image of shape {nrm.shape}, expected RGB [H, W, 3]")
+            check_same_size(path, nrm.shape[:2], rgb_path, hw)
             n = torch.from_numpy(np.ascontiguousarray(nrm[..., :3], dtype=np.float32)).permute(2, 0, 1)
             n = nearest_resize(n, size) / 255.0 * 2.0 - 1.0
             targets["normal"] = torch.where(valid.unsqueeze(0), n, 0.0)
