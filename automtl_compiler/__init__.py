@@ -7,12 +7,15 @@ prototxt; build, run and save a multi-task SuperModel.
 from .backends.prototxt import export_prototxt
 from .backends.torch_codegen import to_torch
 from .build import build_supermodel
+from .data import get_dataset, register_dataset
 from .errors import AutomtlError
 from .frontends import load_backbone
 from .ir import Graph, Node, load_graph, save_graph
 from .nn.compact import CompactModel, prune
+from .nn.heads import create_head, register_head
 from .nn.policy import Policy
 from .nn.supermodel import SuperModel
+from .tasks import get_task, register_task
 
 __version__ = "0.1.0"
 
@@ -26,11 +29,17 @@ __all__ = [
     "SuperModel",
     "__version__",
     "build_supermodel",
+    "create_head",
     "export_onnx",
     "export_prototxt",
+    "get_dataset",
+    "get_task",
     "load_backbone",
     "load_graph",
     "prune",
+    "register_dataset",
+    "register_head",
+    "register_task",
     "save_graph",
     "to_torch",
 ]

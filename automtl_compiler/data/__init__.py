@@ -17,6 +17,8 @@ built-in readers) and ``num_classes`` (output channels per task).
 
 from __future__ import annotations
 
+from . import layouts
+from .adashare import AdaShareCityscapes, AdaShareNYUv2
 from .cityscapes import Cityscapes
 from .folder import FolderDataset
 from .loaders import TaskLoaders, TaskView, collate, make_loaders
@@ -39,11 +41,11 @@ from .synthetic import (
 from .taskonomy import Taskonomy
 
 _register_builtin("synthetic", SyntheticScenes, tasks_as="names")
-_register_builtin("nyuv2", NYUv2, tasks_as="names")
-_register_builtin("cityscapes", Cityscapes, tasks_as="names")
+_register_builtin("nyuv2", layouts.nyuv2, tasks_as="names")
+_register_builtin("cityscapes", layouts.cityscapes, tasks_as="names")
 _register_builtin("taskonomy", Taskonomy, tasks_as="names")
 _register_builtin("folder", FolderDataset, tasks_as="mapping")
 
-__all__ = ["DATASETS", "Cityscapes", "FolderDataset", "NYUv2", "SceneConfig", "SyntheticScenes", "TaskLoaders",
+__all__ = ["DATASETS", "AdaShareCityscapes", "AdaShareNYUv2", "Cityscapes", "FolderDataset", "NYUv2", "SceneConfig", "SyntheticScenes", "TaskLoaders",
            "TaskView", "Taskonomy", "available_datasets", "collate", "get_dataset", "make_loaders", "register_dataset",
            "render", "render_scenes", "sample_scene", "scene_seed"]
