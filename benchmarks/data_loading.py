@@ -1,65 +1,75 @@
-"""Data loading throughput: NYUv2 in MTAN's layout (288x384 ``.npy`` samples) through a DataLoader.
+"""Data loading throughput of the trainer's batches with 0 and more DataLoader workers, measured in one run.
 
-Run: ``python -m benchmarks.data_loading``. Writes ``--samples`` training samples of 288x384 (MTAN's NYUv2
-size, float32 ``.npy`` as the archive stores them) to a temporary directory, then iterates
-``DataLoader(NYUv2(root, "train"), batch_size=8, collate_fn=collate, num_workers=W,
-persistent_workers=W > 0)`` for each W in ``--workers``, with the reader's default training augmentation
-(random scale-crop and flip). The files are flushed to disk before timing; the first epoch of each loader is a warm-up (worker start, page cache); the
-figure is the median of the following ``--epochs`` epochs' batches per second, and the ratio is against
-``W = 0`` (all loading in the main process) measured in the same run.
+Run: ``python -m benchmarks.data_loading``. Writes ``--samples`` training samples in two real layouts to a
+temporary directory: NYUv2 in MTAN's archive (288x384 float32 ``.npy``, the reader's scale-crop and flip)
+and NYUv2 in AdaShare's layout as AutoMTL's paper reads it (480x640 PNG images and labels, ``.npy`` depth,
+rescale / pad / 321x321 crop, Caffe-style input). For each layout and each W in ``--workers`` it reads
+consecutive training batches through :class:`automtl_compiler.train.batches.Batches` (the trainer's own
+path: per-step deterministic batches, persistent workers, per-epoch augmentation draws). The files are
+flushed to disk first, the first epoch is a warm-up (worker start, page cache), and the figure is batches
+per second over the following ``--epochs`` epochs; the ratio is against the first W, same layout, same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-from automtl_compiler.data import NYUv2, collate
+from automtl_compiler.data import get_dataset
+from automtl_compiler.train.batches import Batches
 
 from .common import print_table
 
-HW = (288, 384)
+LAYOUTS = {"mtan": "NYUv2, MTAN's archive, 288x384 .npy", "adashare": "NYUv2, AdaShare's layout, 480x640 PNG, crop 321"}
 
 
-def epoch_rates(loader: DataLoader, epochs: int) -> list[float]:
-    """Batches per second of each epoch after one warm-up epoch."""
-    rates = []
-    for epoch in range(epochs + 1):
-        loader.dataset.set_epoch(epoch)
-        start = time.perf_counter()
-        n = sum(1 for _ in loader)
-        if epoch:
-            rates.append(n / (time.perf_counter() - start))
-    return rates
+def write(layout: str, root: Path, samples: int) -> None:
+    """``samples`` training samples (and 1 validation sample) of ``layout`` under ``root``."""
+    if layout == "mtan":
+        from tests.realdata import write_nyuv2
+
+        write_nyuv2(root, n_train=samples, n_val=1, hw=(288, 384))
+    else:
+        from tests.adashare_data import write_adashare_nyuv2
+
+        write_adashare_nyuv2(root, n_train=samples, n_test=1, hw=(480, 640))
 
 
-def run(samples: int, batch_size: int, workers: list[int], epochs: int, threads: int, augment: bool) -> str:
-    """Write the dataset, time every loader and print the table."""
-    from tests.realdata import write_nyuv2
+def rate(batches: Batches, per_epoch: int, epochs: int) -> float:
+    """Batches per second over ``epochs`` epochs of consecutive steps, after one warm-up epoch."""
+    for step in range(per_epoch):
+        batches.batch(step)
+    start = time.perf_counter()
+    for step in range(per_epoch, per_epoch * (epochs + 1)):
+        batches.batch(step)
+    return per_epoch * epochs / (time.perf_counter() - start)
 
+
+def run(samples: int, batch_size: int, workers: list[int], epochs: int, threads: int, layouts: list[str]) -> str:
+    """Write the datasets, time the trainer's batches for every worker count and print the table."""
     torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        write_nyuv2(tmp, n_train=samples, n_val=0, hw=HW)
-        os.sync()                    # flush the fresh files first: write-back would slow the first loader timed
-        reference = None
-        for w in workers:
-            loader = DataLoader(NYUv2(tmp, "train", augment=augment), batch_size=batch_size, num_workers=w,
-                                collate_fn=collate, persistent_workers=w > 0)
-            rate = statistics.median(epoch_rates(loader, epochs))
-            del loader
-            reference = rate if reference is None else reference
-            rows.append([f"{w} workers", f"{rate:.1f}", f"{rate / reference:.2f}", f"{rate * batch_size:.0f}"])
-    print(f"NYUv2 (MTAN layout) loading, {samples} samples of {HW[0]}x{HW[1]}, batch {batch_size}, "
-          f"augment={'on' if augment else 'off'}, median of {epochs} epochs after a warm-up, {threads} threads "
-          f"in the main process")
-    return print_table(["loader", "batches/s", f"ratio vs {workers[0]} workers", "samples/s"], rows)
+        for layout in layouts:
+            root = Path(tmp) / layout
+            write(layout, root, samples)
+            os.sync()                # flush the fresh files first: write-back would slow the first loader timed
+            dataset = get_dataset("nyuv2", root=root, split="train")
+            reference = None
+            for w in workers:
+                batches = Batches(dataset, batch_size, 0, "pretrain", workers=w)
+                r = rate(batches, max(1, len(dataset) // batch_size), epochs)
+                batches.close()
+                reference = r if reference is None else reference
+                rows.append([LAYOUTS[layout], f"{w}", f"{r:.1f}", f"{r / reference:.2f}", f"{r * batch_size:.0f}"])
+    print(f"trainer batches (Batches), {samples} training samples, batch {batch_size}, training augmentation, "
+          f"{epochs} epochs after a warm-up, {threads} torch threads in the main process")
+    return print_table(["data", "workers", "batches/s", f"ratio vs {workers[0]} workers", "samples/s"], rows)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,13 +80,13 @@ def parser() -> argparse.ArgumentParser:
                    "the reference of the ratio.")
     p.add_argument("--epochs", type=int, default=3, help="Timed epochs per loader, after one warm-up epoch.")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the main process.")
-    p.add_argument("--no-augment", action="store_true", help="Read without the training augmentation.")
+    p.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=["mtan", "adashare"])
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    run(args.samples, args.batch_size, args.workers, args.epochs, args.threads, not args.no_augment)
+    run(args.samples, args.batch_size, args.workers, args.epochs, args.threads, args.layouts)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,13 @@ from automtl_compiler.backends.onnx_export import export_onnx
 from automtl_compiler.classpath import UntrustedCodeError
 from automtl_compiler.errors import AutomtlError
 from automtl_compiler.nn import heads as heads_module
-from automtl_compiler.nn.heads import ASPPHead, create_head, head_spec, make_head, register_head
+from automtl_compiler.nn.heads import (
+    ASPPHead,
+    create_head,
+    head_spec,
+    make_head,
+    register_head,
+)
 from automtl_compiler.tasks import TASK_TYPES, available_tasks, get_task, register_task
 from tests.custom_parts import MeanAbsTask, PixelHead, PoolHead
 from tests.helpers import Tiny, randomise_bn

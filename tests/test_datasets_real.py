@@ -514,8 +514,8 @@ def test_unknown_option_names_dataset_and_accepted_options(tmp_path):
     write_nyuv2(tmp_path, n_train=1, n_val=1, hw=(4, 4))
     with pytest.raises(AutomtlError) as err:
         get_dataset("nyuv2", root=tmp_path, resolution=(4, 4))
-    assert one_line(err) == ("dataset 'nyuv2': bad options ['resolution']; it accepts augment, flip, ignore_index, "
-                             "scales, seed")
+    assert one_line(err) == (f"dataset 'nyuv2' (MTAN's layout in {tmp_path}): bad options ['resolution']; it "
+                             "accepts augment, scales, flip, ignore_index, seed")
     with pytest.raises(AutomtlError, match=r"'folder': bad options \['length'\]; it accepts augment, depth_scale"):
         get_dataset("folder", root=tmp_path, length=3)
     with pytest.raises(AutomtlError, match=r"'synthetic': bad options \['depth_scale'\]; it accepts cache"):

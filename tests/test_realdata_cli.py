@@ -23,7 +23,7 @@ BUDGET = ["--set", "stages.pretrain.iters=2", "--set", "stages.policy.iters=2", 
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "automtl_compiler.cli.main", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "automtl_compiler.cli.main", *map(str, args)], capture_output=True, check=False,
                           text=True, cwd=cwd or ROOT, timeout=600)
 
 
@@ -98,7 +98,7 @@ def test_a_users_dataset_class_through_automtl_run_with_references(tmp_path):
 
 
 def test_real_dataset_errors_are_one_line_naming_the_file(tmp_path):
-    res = cli("train", "--out", tmp_path / "run", "--set", f"dataset.name=nyuv2", "--set",
+    res = cli("train", "--out", tmp_path / "run", "--set", "dataset.name=nyuv2", "--set",
               f"dataset.root={tmp_path / 'nowhere'}", "--quiet")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "nowhere" in res.stderr and "directory not found" in res.stderr

@@ -116,20 +116,23 @@ def load_png(path: Path, layout: str) -> np.ndarray:
     return read_image(path, layout)[0]
 
 
-def labels_to_tensor(arr: np.ndarray, path: Path, num_classes: int | None, ignore_index: int,
-                     hint: str = "") -> torch.Tensor:
-    """Class ids as int64. Negative values become ``ignore_index`` (a value equal to it is kept: no
-    label); any other value ``>= num_classes`` (when known), and fractional or non-finite values, are a
-    FileFormatError naming the file, the value and the class count (``hint`` says what to do)."""
+def integer_labels(arr: np.ndarray, path: Path) -> torch.Tensor:
+    """Stored class ids as an int64 tensor; NaN, infinite or fractional values are a FileFormatError."""
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             raise FileFormatError(f"{path}: labels contain NaN or infinity; class ids must be integers")
         frac = arr != np.floor(arr)
         if frac.any():
             raise FileFormatError(f"{path}: label value {float(arr[frac].flat[0])} is not an integer class id")
-    elif arr.dtype.kind == "b":
-        arr = arr.astype(np.uint8)
-    lab = torch.from_numpy(np.ascontiguousarray(arr)).long()
+    return torch.from_numpy(np.ascontiguousarray(arr).astype(np.int64))
+
+
+def labels_to_tensor(arr: np.ndarray, path: Path, num_classes: int | None, ignore_index: int,
+                     hint: str = "") -> torch.Tensor:
+    """Class ids as int64. Negative values become ``ignore_index`` (a value equal to it is kept: no
+    label); any other value ``>= num_classes`` (when known), and fractional or non-finite values, are a
+    FileFormatError naming the file, the value and the class count (``hint`` says what to do)."""
+    lab = integer_labels(arr, path)
     lab = lab.masked_fill(lab < 0, ignore_index)
     if num_classes is not None:
         bad = (lab >= num_classes) & (lab != ignore_index)

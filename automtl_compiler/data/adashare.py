@@ -24,6 +24,7 @@ from ._common import (
     check_same_size,
     checked_index,
     hflip,
+    integer_labels,
     load_npy,
     read_image,
     require_dir,
@@ -161,13 +162,7 @@ class _AdaShareIndexed(Dataset):
         """Class ids as int64 ``[H, W]``: negative values, 255 and ``ignore_index`` mean no label and become
         ``ignore_index``; any other value ``>= num_classes`` (or a fractional or non-finite one) is an error
         naming the file, the largest such value and how many pixels hold one."""
-        if arr.dtype.kind == "f":
-            if not np.isfinite(arr).all():
-                raise FileFormatError(f"{path}: labels contain NaN or infinity; class ids must be integers")
-            frac = arr != np.floor(arr)
-            if frac.any():
-                raise FileFormatError(f"{path}: label value {float(arr[frac].flat[0])} is not an integer class id")
-        lab = torch.from_numpy(np.ascontiguousarray(arr).astype(np.int64))
+        lab = integer_labels(arr, path)
         void = (lab < 0) | (lab == NYU_VOID) | (lab == self.ignore_index)
         bad = ~void & (lab >= num_classes)
         if bool(bad.any()):

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..classpath import UntrustedCodeError, class_path_of, construct, is_class_path, load_class
+from ..classpath import (
+    UntrustedCodeError,
+    add_to_registry,
+    check_registry_name,
+    class_path_of,
+    construct,
+    is_class_path,
+    load_class,
+)
 from ..errors import AutomtlError
 
 
@@ -185,20 +193,13 @@ def register_head(name: str, cls: M | None = None, *, replace: bool = False) -> 
     since the running program vouched for it. ``aspp``, ``cls`` and ``custom`` are reserved; a name
     already registered for another class needs ``replace=True``. Returns the class.
     """
-    if not isinstance(name, str) or not name or ":" in name or any(c.isspace() for c in name):
-        raise AutomtlError(f"register_head: {name!r} is not a head name; use a plain name without ':' or spaces")
+    check_registry_name(name, "register_head", "head")
 
     def add(head_cls: M) -> M:
         if not isinstance(head_cls, type) or not issubclass(head_cls, nn.Module):
             raise AutomtlError(f"register_head({name!r}, ...): {head_cls!r} is not a torch.nn.Module subclass")
-        if name in BUILTIN_HEADS or name == "custom":
-            raise AutomtlError(f"register_head: {name!r} is a built-in head name; choose another name")
-        old = HEAD_TYPES.get(name)
-        if old is not None and not replace and class_path_of(old) != class_path_of(head_cls):
-            raise AutomtlError(f"register_head: {name!r} is already registered for {class_path_of(old)}; pass "
-                               "replace=True to replace it")
-        HEAD_TYPES[name] = head_cls
-        return head_cls
+        return add_to_registry(HEAD_TYPES, name, head_cls, replace=replace, reserved=(*BUILTIN_HEADS, "custom"),
+                               caller="register_head")
 
     return add if cls is None else add(cls)
 

@@ -19,7 +19,15 @@ from .classification import Classification, ClassificationMetric
 from .delta import delta_m
 from .depth import DepthMetric, DepthZBuffer, depth_valid
 from .normal import Normal, NormalMetric, angle_degrees, normal_valid
-from .registry import ALIASES, TASK_TYPES, available_tasks, canonical_kind, get_task, register_task, task_class
+from .registry import (
+           ALIASES,
+           TASK_TYPES,
+           available_tasks,
+           canonical_kind,
+           get_task,
+           register_task,
+           task_class,
+)
 from .segmentation import SegmentationMetric, SegmentSemantic
 
 __all__ = ["ALIASES", "TASK_TYPES", "Classification", "ClassificationMetric", "DepthMetric", "DepthZBuffer",

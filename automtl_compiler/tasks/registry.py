@@ -10,7 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar, overload
 
-from ..classpath import class_path_of, construct, is_class_path, load_class
+from ..classpath import (
+    add_to_registry,
+    check_registry_name,
+    construct,
+    is_class_path,
+    load_class,
+)
 from ..errors import AutomtlError
 from .base import TaskType
 from .classification import Classification
@@ -67,20 +73,12 @@ def register_task(name: str, cls: T | None = None, *, replace: bool = False) -> 
     replaced; a name already registered for another class needs ``replace=True`` (registering the same
     class again, e.g. after a module reload, is fine). Returns the class.
     """
-    if not isinstance(name, str) or not name or ":" in name or any(c.isspace() for c in name):
-        raise AutomtlError(f"register_task: {name!r} is not a task type name; use a plain name without ':' "
-                           "or spaces")
+    check_registry_name(name, "register_task", "task type")
 
     def add(task_cls: T) -> T:
         _check_task_class(task_cls, name)
-        if name in BUILTIN_KINDS:
-            raise AutomtlError(f"register_task: {name!r} is a built-in task kind; choose another name")
-        old = TASK_TYPES.get(name)
-        if old is not None and not replace and class_path_of(old) != class_path_of(task_cls):
-            raise AutomtlError(f"register_task: {name!r} is already registered for {class_path_of(old)}; pass "
-                               "replace=True to replace it")
-        TASK_TYPES[name] = task_cls
-        return task_cls
+        return add_to_registry(TASK_TYPES, name, task_cls, replace=replace, reserved=BUILTIN_KINDS,
+                               caller="register_task")
 
     return add if cls is None else add(cls)
 

@@ -138,6 +138,24 @@ def _validate_tasks(tasks: Any) -> None:
         spec.setdefault("weight", 1.0)
         spec.setdefault("options", {})
         spec.setdefault("head_options", {})
+        _check_named(spec["head"], f"tasks.{name}.head", "head")
+        if "type" in spec:
+            _check_named(spec["type"], f"tasks.{name}.type", "task type")
+        else:
+            _check_named(name, f"tasks.{name}", "task type", hint=f" (or give its type: tasks.{name}.type)")
+
+
+def _check_named(value: str, key: str, what: str, hint: str = "") -> None:
+    """A head or task type is a built-in or registered name, or ``package.module:Class`` (imported when the
+    model is built, since the config is the user's own)."""
+    from ..classpath import is_class_path
+    from ..nn.heads import BUILTIN_HEADS, HEAD_TYPES
+    from ..tasks import ALIASES, TASK_TYPES
+
+    known = sorted({*BUILTIN_HEADS, *HEAD_TYPES} if what == "head" else {*TASK_TYPES, *ALIASES})
+    if not is_class_path(value) and value not in known:
+        raise AutomtlError(f"config: '{key}' is {value!r}; use one of {', '.join(known)}, a name registered with "
+                           f"register_{what.split()[0]}, or package.module:Class{hint}")
 
 
 def _validate_dataset(d: dict[str, Any]) -> None:
