@@ -88,12 +88,15 @@ train(sys.argv[1], sys.argv[3:], sys.argv[2], progress=False)
 
 @pytest.mark.slow
 def test_sigkill_and_restart_ends_with_the_same_weights(tmp_path):
+    """A run killed mid-way (its batches read by DataLoader workers) and restarted ends with the weights of
+    an uninterrupted run (read in the main process)."""
     config = str(ROOT / "configs" / "synthetic-quick.yaml")
     args = TINY + ["stages.policy.iters=10", "stages.posttrain.iters=6"]
     whole = tmp_path / "whole"
     subprocess.run([sys.executable, "-c", SCRIPT, config, str(whole), *args], check=True, cwd=ROOT, timeout=600)
 
-    killed = tmp_path / "killed"
+    killed = tmp_path / "killed"  # read by two DataLoader workers: the batches, so the weights, are the same
+    args = [*args, "dataset.workers=2"]
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, config, str(killed), *args], cwd=ROOT)
     index = killed / "checkpoints" / "last.json"
     deadline = time.monotonic() + 600

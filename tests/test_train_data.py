@@ -129,10 +129,13 @@ def test_eval_batches_caps_the_evaluation_and_the_report_says_so(tmp_path):
     assert trainer.evaluated == {"split": "val", "samples": 6, "split_samples": 7, "whole_split": False}
 
 
-def test_training_with_workers_equals_training_without(tmp_path):
-    """Two DataLoader workers change nothing: the same batches, so the same weights after a few steps."""
-    extra = ["stages.pretrain.iters=3", "stages.policy.iters=0", "stages.posttrain.iters=2", "checkpoint_every=0",
-             "eval_every=0", "eval_batches=1", "batch_size=4", "stages.sample.candidates=1"]
+@pytest.mark.parametrize("loader", ["shared", "per_task"])
+def test_training_with_workers_equals_training_without(tmp_path, loader):
+    """Two DataLoader workers change nothing: the same batches, so the same weights after a few steps of
+    every stage (per-task loaders each have their own workers)."""
+    extra = ["stages.pretrain.iters=3", "stages.policy.iters=2", "stages.policy.network_steps=1",
+             "stages.policy.policy_steps=1", "stages.posttrain.iters=2", "checkpoint_every=0", "eval_every=0",
+             "eval_batches=1", "batch_size=4", "stages.sample.candidates=1", f"dataset.loader={loader}"]
     reports = []
     for workers in (0, 2):
         trainer = _trainer(tmp_path / f"w{workers}", [*extra, f"dataset.workers={workers}"])
