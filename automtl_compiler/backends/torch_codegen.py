@@ -7,23 +7,13 @@ module state), and is itself traceable by torch.fx and exportable by ``torch.onn
 
 from __future__ import annotations
 
-import keyword
 import re
 
 from torch import fx, nn
 
 from ..ir.graph import Graph
 from ..ir.ops import get_op
-
-
-def module_name(node_name: str) -> str:
-    """The attribute name under which a node's module lives in the generated module."""
-    name = re.sub(r"\W", "_", node_name)
-    if not name or name[0].isdigit() or keyword.iskeyword(name):
-        name = "n_" + name
-    if hasattr(fx.GraphModule, name):
-        name += "_"
-    return name
+from .names import Namer, module_name
 
 
 def to_torch(graph: Graph, *, class_name: str | None = None) -> fx.GraphModule:
@@ -34,15 +24,19 @@ def to_torch(graph: Graph, *, class_name: str | None = None) -> fx.GraphModule:
     the module's parameters and buffers are the graph's tensors, not copies: compiling is cheap, and
     training the module updates the graph (save it afterwards to keep the trained weights). Compile
     ``graph.copy()`` for an independent module.
+
+    Modules are attributes named by :class:`~automtl_compiler.backends.names.Namer` (unique, valid, never a
+    torch attribute); ``gm.meta["automtl_module_names"]`` maps each node that has a module to its attribute.
     """
     fxg = fx.Graph()
     modules: dict[str, nn.Module] = {}
     tied: dict[int, nn.Parameter] = {}
     values: dict[str, fx.Node] = {}
-    used: dict[str, str] = {}
+    names = Namer()
+    arguments = Namer(taken=("self",))
     for node in graph.topological_order():
         if node.op == "input":
-            values[node.name] = fxg.placeholder(module_name(node.name))
+            values[node.name] = fxg.placeholder(arguments(node.name))
             continue
         opdef = get_op(node.op, node.where)
         lowering = opdef.lower(node.attrs, node.params, node.buffers)
@@ -53,15 +47,12 @@ def to_torch(graph: Graph, *, class_name: str | None = None) -> fx.GraphModule:
                     setattr(lowering.module, key, tied[id(tensor)])
                 else:
                     tied[id(tensor)] = getattr(lowering.module, key)
-            mname = module_name(node.name)
-            while mname in used and used[mname] != node.name:
-                mname += "_"
-            used[mname] = node.name
+            mname = names(node.name)
             modules[mname] = lowering.module
-            value = fxg.call_module(mname, args)
+            value = fxg.create_node("call_module", mname, args, {}, name=module_name(node.name))
         else:
-            value = fxg.call_function(lowering.function, args, lowering.kwargs)
-        value.name = module_name(node.name)
+            value = fxg.create_node("call_function", lowering.function, args, dict(lowering.kwargs),
+                                    name=module_name(node.name))
         value.meta["automtl_node"] = node.name
         values[node.name] = value
     outs = [values[o] for o in graph.outputs]
@@ -70,7 +61,7 @@ def to_torch(graph: Graph, *, class_name: str | None = None) -> fx.GraphModule:
     for mname, mod in modules.items():
         root.add_module(mname, mod)
     gm = fx.GraphModule(root, fxg, class_name or re.sub(r"\W", "_", graph.name) or "Compiled")
-    gm.meta = {"automtl_outputs": list(graph.outputs)}
+    gm.meta = {"automtl_outputs": list(graph.outputs), "automtl_module_names": dict(names.mapping)}
     return gm
 
 

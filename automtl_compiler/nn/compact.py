@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..backends.torch_codegen import module_name, to_torch
+from ..backends.names import check_task_name
+from ..backends.torch_codegen import to_torch
 from ..errors import AutomtlError
 from ..ir.graph import Graph
 from ..passes.fold_bn import fold_batchnorm
@@ -45,10 +46,10 @@ def prune(supermodel: SuperModel, policy: Policy, *, fold_bn: bool = False) -> C
     memo: dict[int, torch.Tensor] = {}
 
     def tensors(kind: str, node: str, task: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-        key = module_name(node)
+        key = supermodel.module_names.get(node)
+        if key is None:
+            return {}, {}
         if kind == "backbone":
-            if key not in supermodel.backbone:
-                return {}, {}
             return _module_tensors(supermodel.backbone[key], memo)
         if kind in ("specific_conv", "specific_bn"):
             return _module_tensors(supermodel.specific[key][task][kind.split("_")[1]], memo)
@@ -72,7 +73,8 @@ def prune(supermodel: SuperModel, policy: Policy, *, fold_bn: bool = False) -> C
 class CompactModel(nn.Module):
     """A pruned multi-task network: ``model(x)`` -> {task: output}; ``model(x, task=t)`` runs only t's nodes.
 
-    ``graph`` is the pruned IR (one output per task, in task order); ``trunk`` is its generated code.
+    ``graph`` is the pruned IR (one output per task, in task order); ``trunk`` is its generated code, whose
+    module attributes follow ``to_torch``'s naming (``trunk.meta["automtl_module_names"]``: node -> attribute).
     """
 
     def __init__(self, graph: Graph, tasks: list[str], heads: dict[str, nn.Module], policy: Policy,
@@ -80,6 +82,8 @@ class CompactModel(nn.Module):
         super().__init__()
         if len(graph.outputs) != len(tasks):
             raise AutomtlError(f"the pruned graph has {len(graph.outputs)} outputs for {len(tasks)} tasks")
+        for t in tasks:
+            check_task_name(t)
         self.graph = graph
         self.tasks = list(tasks)
         self.policy = policy

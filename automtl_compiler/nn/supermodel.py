@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..backends.torch_codegen import module_name
+from ..backends.names import Namer, check_task_name, module_name
 from ..errors import AutomtlError
 from ..ir.ops import get_op
 from ..passes.multitask import BRANCHES, MultiTaskGraph, SkipSpec, Unit
@@ -63,7 +63,8 @@ class SuperModel(nn.Module):
 
     State-dict names say where a tensor belongs: ``backbone.<node>.*`` (shared), ``specific.<conv>.<task>.
     {conv,bn}.*``, ``skip.<conv>.<task>.*``, ``policy.<conv>.<task>`` (logits over [share, specific, skip])
-    and ``heads.<task>.*``.
+    and ``heads.<task>.*``. ``<node>`` and ``<conv>`` are the nodes' attribute names, made unique exactly as
+    in ``to_torch`` (:mod:`automtl_compiler.backends.names`); ``module_names`` maps IR node -> attribute.
     """
 
     def __init__(self, mt: MultiTaskGraph, heads: dict[str, nn.Module]) -> None:
@@ -71,8 +72,7 @@ class SuperModel(nn.Module):
         if sorted(heads) != sorted(mt.tasks):
             raise AutomtlError(f"heads are given for {sorted(heads)} but the tasks are {sorted(mt.tasks)}")
         for t in mt.tasks:
-            if hasattr(nn.ModuleDict, t) or hasattr(nn.ParameterDict, t):
-                raise AutomtlError(f"task name '{t}' clashes with a torch attribute; rename the task")
+            check_task_name(t)
             if not isinstance(heads[t], nn.Module):
                 raise AutomtlError(f"the head of task '{t}' is a {type(heads[t]).__name__}, not an nn.Module")
         self.mt = mt
@@ -84,22 +84,24 @@ class SuperModel(nn.Module):
         self._in_unit_only = {u.conv for u in self.units if u.bn}  # convs whose unit output is their BN
         self.backbone = nn.ModuleDict()
         self._functions: dict[str, tuple[Any, dict[str, Any]]] = {}
+        names = Namer()
         for node in mt.graph.topological_order():
             if node.op == "input":
                 continue
             lowering = get_op(node.op, node.where).lower(node.attrs, node.params, node.buffers)
             if lowering.module is not None:
-                self.backbone[module_name(node.name)] = lowering.module
+                self.backbone[names(node.name)] = lowering.module
             else:
                 self._functions[node.name] = (lowering.function, lowering.kwargs)
+        self.module_names: dict[str, str] = dict(names.mapping)
         self.specific = nn.ModuleDict()
         self.skip = nn.ModuleDict()
         self.policy = nn.ModuleDict()
         for u in self.units:
-            key = module_name(u.conv)
+            key = self.module_names[u.conv]
             self.specific[key] = nn.ModuleDict({t: self._specific_branch(u) for t in self.tasks})
             if not u.skip.identity:
-                bn = self.backbone[module_name(u.bn)] if u.bn else None
+                bn = self.backbone[self.module_names[u.bn]] if u.bn else None
                 self.skip[key] = nn.ModuleDict({
                     t: SkipProjection(u.skip, *((bn.eps, bn.momentum) if bn is not None else ()))
                     for t in self.tasks})
@@ -112,10 +114,17 @@ class SuperModel(nn.Module):
                              persistent=False)
 
     def _specific_branch(self, u: Unit) -> nn.ModuleDict:
-        branch = nn.ModuleDict({"conv": copy.deepcopy(self.backbone[module_name(u.conv)])})
+        branch = nn.ModuleDict({"conv": copy.deepcopy(self.backbone[self.module_names[u.conv]])})
         if u.bn:
-            branch["bn"] = copy.deepcopy(self.backbone[module_name(u.bn)])
+            branch["bn"] = copy.deepcopy(self.backbone[self.module_names[u.bn]])
         return branch
+
+    def module_key(self, node: str) -> str:
+        """The attribute under which IR node ``node``'s modules live (``backbone.<key>``, ``specific.<key>``...)."""
+        if node not in self.module_names:
+            raise AutomtlError(f"node '{node}' has no module in this SuperModel (it is an input or a function, or "
+                               "not in the trunk); ask for a layer node such as a conv or batch norm")
+        return self.module_names[node]
 
     # ------------------------------------------------------------ parameters and policies
     @property
@@ -135,7 +144,7 @@ class SuperModel(nn.Module):
     def logits(self, task: str) -> torch.Tensor:
         """Policy logits of ``task`` as an [units, 3] tensor (share, specific, skip)."""
         self._check_task(task)
-        return torch.stack([self.policy[module_name(u.conv)][task] for u in self.units])
+        return torch.stack([self.policy[self.module_names[u.conv]][task] for u in self.units])
 
     def policy_distribution(self) -> dict[str, dict[str, list[float]]]:
         """task -> node -> softmax probabilities over [share, specific, skip]."""
@@ -282,7 +291,7 @@ class SuperModel(nn.Module):
                     fn, kwargs = self._functions[node.name]
                     env[node.name] = emitter.function(fn, tuple(env[i] for i in node.inputs), kwargs, node.name)
                 else:
-                    env[node.name] = emitter.module(f"backbone.{module_name(node.name)}",
+                    env[node.name] = emitter.module(f"backbone.{self.module_names[node.name]}",
                                                    tuple(env[i] for i in node.inputs), node.name)
             outputs.append(env[self.mt.feature_node])
             envs.append(env)
@@ -321,13 +330,13 @@ class SuperModel(nn.Module):
 
     def _emit_unit(self, em: _Emitter, u: Unit, task: str, x: fx.Node, kind: str,
                    plan: tuple[str, ...] | None, gates: fx.Node | None) -> fx.Node:
-        key = module_name(u.conv)
+        key = self.module_names[u.conv]
         index = self.units.index(u)
         wanted = (plan[index],) if plan is not None else BRANCHES
         values = {}
         if "share" in wanted:
             v = em.module(f"backbone.{key}", (x,), u.conv)
-            values["share"] = em.module(f"backbone.{module_name(u.bn)}", (v,), u.bn) if u.bn else v
+            values["share"] = em.module(f"backbone.{self.module_names[u.bn]}", (v,), u.bn) if u.bn else v
         if "specific" in wanted:
             v = em.module(f"specific.{key}.{task}.conv", (x,), f"{u.conv}_{task}")
             values["specific"] = em.module(f"specific.{key}.{task}.bn", (v,), f"{u.bn}_{task}") if u.bn else v

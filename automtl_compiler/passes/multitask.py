@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
+from ..backends.names import check_task_name
 from ..errors import AutomtlError
 from ..ir.graph import Graph
 
@@ -109,12 +110,15 @@ def conv_depths(graph: Graph) -> dict[str, int]:
 
 
 def validate_tasks(tasks: list[str]) -> list[str]:
-    """Task names must be non-empty, unique identifiers (they name modules and ONNX outputs)."""
+    """Task names must be unique identifiers usable as module keys (they name modules and ONNX outputs).
+
+    See :func:`~automtl_compiler.backends.names.check_task_name`: no keywords, no torch attributes such as
+    ``training`` or ``forward``, NFKC-normal.
+    """
     if not tasks:
         raise AutomtlError("no tasks given; give at least one task (name and head)")
     for t in tasks:
-        if not isinstance(t, str) or not t.isidentifier():
-            raise AutomtlError(f"task name {t!r} must be a non-empty identifier (letters, digits, _)")
+        check_task_name(t)
     dup = sorted({t for t in tasks if tasks.count(t) > 1})
     if dup:
         raise AutomtlError(f"duplicate task name(s) {dup}; each task needs its own name")
