@@ -33,6 +33,7 @@ Getting the CUDA provider on a GPU machine (Linux x86_64):
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 import warnings
@@ -42,14 +43,16 @@ from typing import Any
 
 import numpy as np
 
+from . import limits
 from .errors import AutomtlError, FileFormatError, require_file
 
 PROVIDERS = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 METADATA_PREFIX = "automtl."
-
-
+# ops onnxruntime never folds at load (random or control flow)
+_NOT_FOLDED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+               "If", "Loop", "Scan"}
 
 def _wheel_cuda_version() -> str | None:
     """The CUDA version the installed onnxruntime was built for (None for CPU-only builds)."""
@@ -121,17 +124,78 @@ def select_providers(provider: str = "auto") -> list[str]:
 
 
 def read_metadata(props: dict[str, str]) -> dict[str, Any]:
-    """``automtl.*`` metadata values parsed from JSON (prefix dropped); other keys kept as strings."""
+    """``automtl.*`` metadata values parsed from JSON (prefix dropped); other keys kept as strings.
+
+    A value nested deeper than MAX_JSON_DEPTH is a LimitError naming the key.
+    """
     out: dict[str, Any] = {}
     for key, value in props.items():
         if key.startswith(METADATA_PREFIX):
             try:
-                out[key[len(METADATA_PREFIX):]] = json.loads(value)
+                out[key[len(METADATA_PREFIX):]] = limits.loads_json(value, f"metadata '{key}'")
             except json.JSONDecodeError:
                 out[key[len(METADATA_PREFIX):]] = value
         else:
             out[key] = value
     return out
+
+
+def _value_bytes(value_type: Any) -> int | None:
+    """Bytes of a tensor of an inferred ONNX type, or None when its shape or type is not fully known."""
+    from onnx import helper
+
+    if not value_type.HasField("tensor_type") or not value_type.tensor_type.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value_type.tensor_type.shape.dim]
+    if any(d < 0 for d in dims):
+        return None
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(value_type.tensor_type.elem_type).itemsize
+    except Exception:  # noqa: BLE001 - strings and exotic types: count 8 bytes a value
+        itemsize = 8
+    return math.prod(dims) * max(itemsize, 1)
+
+
+def folding_check(path: Path) -> bool:
+    """Bound what onnxruntime's constant folding would allocate when it opens ``path``.
+
+    Runs onnx's shape inference (with data propagation) and adds up the sizes of the results of every
+    node that onnxruntime can evaluate at load time (all inputs constant, or the shape of a tensor of a
+    static shape). More than MAX_FOLD_BYTES is a LimitError naming the file and the node. Returns False
+    when some such result has a size that cannot be known, so that the caller switches constant folding
+    off instead of letting it allocate without bound.
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - onnxruntime reports unreadable files itself
+        return False
+    g = inferred.graph
+    types = {v.name: v.type for v in [*g.input, *g.value_info, *g.output]}
+    constant = {i.name for i in g.initializer}
+    total, bounded = 0, True
+    for node in g.node:
+        inputs = [t for t in node.input if t]
+        if node.op_type in _NOT_FOLDED or node.domain not in ("", "ai.onnx"):
+            continue
+        static_shape = node.op_type in ("Shape", "Size") and inputs and inputs[0] in types \
+            and _value_bytes(types[inputs[0]]) is not None
+        if not (static_shape or all(t in constant for t in inputs)):
+            continue
+        for out in node.output:
+            if not out:
+                continue
+            constant.add(out)
+            size = _value_bytes(types[out]) if out in types else None
+            if size is None:
+                bounded = False
+                continue
+            total += size
+            limits.check("MAX_FOLD_BYTES", total, "the size in bytes of the constants onnxruntime would evaluate "
+                         f"when opening the model (up to node '{node.name or node.op_type}')", str(path))
+    return bounded
 
 
 class InferenceSession:
@@ -164,8 +228,10 @@ class InferenceSession:
         if not spin:  # idle worker threads sleep at once (fair timing of several sessions in one process)
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list[Any] = [(CUDA, {"device_id": device_id}) if p == CUDA else p for p in requested]
+        disabled = [] if folding_check(self.path) else ["ConstantFolding"]
         try:
-            self._session = ort.InferenceSession(str(self.path), opts, providers=providers)
+            self._session = ort.InferenceSession(str(self.path), opts, providers=providers,
+                                                 disabled_optimizers=disabled)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise FileFormatError(f"{self.path}: onnxruntime cannot load this model "
                                   f"({' '.join(str(e).split())[:300]})") from None
@@ -181,7 +247,10 @@ class InferenceSession:
         self.input_name: str = inputs[0].name
         self.input_shape: list[int | str] = [d if isinstance(d, int) else str(d) for d in inputs[0].shape]
         self.output_names: list[str] = [o.name for o in self._session.get_outputs()]
-        self.metadata: dict[str, Any] = read_metadata(dict(self._session.get_modelmeta().custom_metadata_map))
+        try:
+            self.metadata: dict[str, Any] = read_metadata(dict(self._session.get_modelmeta().custom_metadata_map))
+        except limits.LimitError as e:
+            raise limits.FileLimitError(f"{self.path}: {e}") from None
 
     @property
     def tasks(self) -> list[str]:
@@ -213,7 +282,11 @@ class InferenceSession:
     __call__ = run
 
     def example_input(self, batch: int = 1, seed: int = 0) -> np.ndarray:
-        """A seeded random input of the model's shape with batch ``batch`` (dynamic H, W from the metadata)."""
+        """A seeded random input of the model's shape with batch ``batch`` (dynamic H, W from the metadata).
+
+        The shape is checked against MAX_SPATIAL, MAX_CHANNELS and MAX_TENSOR_BYTES before anything is
+        allocated (a file may declare any size).
+        """
         example = self.metadata.get("example_input_shape")
         shape = []
         for i, d in enumerate(self.input_shape):
@@ -222,13 +295,18 @@ class InferenceSession:
             elif isinstance(d, int) and d > 0:
                 shape.append(d)
             elif isinstance(example, list) and len(example) == len(self.input_shape):
-                shape.append(int(example[i]))
+                size = example[i]
+                if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                    raise FileFormatError(f"{self.path}: the metadata example_input_shape {example} must hold "
+                                          "positive integers")
+                shape.append(size)
             else:
                 raise AutomtlError(f"{self.path}: input axis {i} is dynamic ({d}) and the file has no automtl "
                                    "metadata giving an example size")
         if isinstance(self.input_shape[0], int) and self.input_shape[0] > 0 and self.input_shape[0] != batch:
             raise AutomtlError(f"{self.path}: the batch size is fixed at {self.input_shape[0]}; export with a "
                                f"dynamic batch to run batch {batch}")
+        limits.check_image_shape(shape, "the model input", str(self.path))
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
     def __repr__(self) -> str:

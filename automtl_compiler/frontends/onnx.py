@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import limits
 from ..errors import (
     AutomtlError,
     FileFormatError,
@@ -42,6 +43,13 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 _NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                  "Bernoulli", "If", "Loop", "Scan"}
 _TOL = 1e-5
+# constant inputs up to this many elements are given to onnx's shape inference as data (shape arithmetic)
+_DATA_FOR_INFERENCE = 2**16
+# ops whose result has at most (rank of an input) x (elements of all inputs) values of at most 8 bytes
+_BOUNDED_BY_INPUTS = {"NonZero", "Unique", "Compress", "TopK", "Slice", "Squeeze", "Unsqueeze", "Reshape",
+                      "Identity", "Cast", "CastLike", "Transpose", "Flatten", "Split", "Concat", "GatherElements",
+                      "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "Abs", "Neg", "Sqrt",
+                      "Floor", "Ceil", "Round", "Not", "Sign", "Shape", "Size"}
 
 
 class _NodeError(Exception):
@@ -61,6 +69,37 @@ def _initialiser(init: Any) -> np.ndarray:
             and len(init.raw_data) == 4 * math.prod(init.dims):
         return np.frombuffer(init.raw_data, dtype="<f4").reshape(tuple(init.dims))
     return numpy_helper.to_array(init)
+
+
+def _result_bytes(node: Any, feeds: dict[str, np.ndarray], opset: int) -> int | None:
+    """Bytes of the results of ``node`` on the constant ``feeds``, from onnx's shape inference (with the
+    small inputs given as data), computed without evaluating the node; None when it cannot be known."""
+    from onnx import defs, helper, numpy_helper, shape_inference
+
+    try:
+        schema = defs.get_schema(node.op_type, opset, "")
+        types = {t: helper.make_tensor_type_proto(helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
+                 for t, a in feeds.items()}
+        data = {t: numpy_helper.from_array(a, t) for t, a in feeds.items() if a.size <= _DATA_FOR_INFERENCE}
+        outs = shape_inference.infer_node_outputs(schema, node, types, data)
+    except Exception:  # noqa: BLE001 - no schema, no inference function, or rejected inputs: size unknown
+        return None
+    total = 0
+    for t in node.output:
+        if not t:
+            continue
+        if t not in outs or not outs[t].tensor_type.HasField("shape"):
+            return None
+        tt = outs[t].tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if any(d is None or d < 0 for d in dims):
+            return None
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
+        except Exception:  # noqa: BLE001 - strings and exotic types: count 8 bytes a value
+            itemsize = 8
+        total += math.prod(dims) * max(itemsize, 1)
+    return total
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -128,6 +167,7 @@ class _Converter:
                     self.consumers.setdefault(t, []).append(i)
         self.skip: set[int] = set()
         self.current = 0
+        self.folded_bytes = 0
         self.fused: dict[int, tuple[str, dict[str, Any], list[str], str, str]] = {}
         self._add_input(input_shape)
 
@@ -397,8 +437,10 @@ class _Converter:
                 raise UnsupportedOpError(f"{self.describe(node, idx)}: {e}") from None
             except ShapeError as e:
                 raise ShapeError(f"{self.describe(node, idx)}: {e}") from None
-            except AutomtlError:
-                raise
+            except AutomtlError as e:
+                if str(self.path) in str(e):
+                    raise
+                raise type(e)(f"{self.describe(node, idx)}: {e}") from None
             except Exception as e:  # anything a malformed node can provoke
                 raise UnsupportedOpError(f"{self.describe(node, idx)} cannot be converted: "
                                          f"{type(e).__name__}: {e}") from None
@@ -491,6 +533,7 @@ class _Converter:
         from onnx.reference import ReferenceEvaluator
 
         feeds = {t: self.const[t] for t in node.input if t}
+        self.budget_fold(node, feeds)
         try:
             results = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, feeds)
         except Exception as e:
@@ -498,6 +541,22 @@ class _Converter:
         for t, r in zip(node.output, results):
             if t:
                 self.const[t] = np.asarray(r)
+
+    def budget_fold(self, node: Any, feeds: dict[str, np.ndarray]) -> None:
+        """Count the bytes evaluating ``node`` will make against MAX_FOLD_BYTES, before evaluating it."""
+        size = _result_bytes(node, feeds, self.opset)
+        if size is None:
+            if node.op_type not in _BOUNDED_BY_INPUTS:
+                raise limits.LimitError(
+                    "the size of its result cannot be computed before evaluating it on its constant inputs, so it "
+                    "is not evaluated (a guard against inputs that expand to gigabytes); export the model with "
+                    "constant folding (torch.onnx.export(..., do_constant_folding=True)) or simplify it with "
+                    "onnxsim")
+            rank = max([a.ndim for a in feeds.values()] + [1])
+            size = rank * sum(int(a.size) for a in feeds.values()) * 8
+        self.folded_bytes += size
+        limits.check("MAX_FOLD_BYTES", self.folded_bytes, "the size in bytes of the constants evaluated at load "
+                     f"time (this node's result of {size:,} bytes included)")
 
     def visit_fused(self, node: Any, kind: str, info: dict[str, Any], xs: list[str], name: str,
                     source: str) -> None:
@@ -902,7 +961,12 @@ def load_onnx(path: str | Path, *, input_shape: tuple[int, ...] | None = None) -
     p = require_file(path, "ONNX model")
     model = _read(p)
     opset = _opset(model, p)
-    graph = _Converter(model, p, opset, tuple(input_shape) if input_shape is not None else None).convert()
+    try:
+        graph = _Converter(model, p, opset, tuple(input_shape) if input_shape is not None else None).convert()
+    except AutomtlError as e:
+        if str(p) in str(e):
+            raise
+        raise type(e)(f"{p}: {e}") from None
     try:
         return graph.materialise(seed=None)
     except ShapeError as e:

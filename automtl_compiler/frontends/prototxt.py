@@ -392,8 +392,8 @@ class _Builder:
             raise AutomtlError(f"{self.path}: input_shape= overrides the shape of a single input, but the network "
                                f"has {len(inputs)} inputs {inputs}")
         node = self.graph.node(inputs[0])
-        node.attrs["shape"] = self.input_shape
-        node.shape = self.input_shape
+        node.attrs = get_op("input").normalise_attrs({"shape": self.input_shape}, f"{self.path}: input_shape=")
+        node.shape = node.attrs["shape"]
 
     # ------------------------------------------------------------ layers
     def build(self) -> Graph:

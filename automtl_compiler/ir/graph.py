@@ -9,6 +9,7 @@ same tensor twice.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +17,9 @@ from typing import Any
 import networkx as nx
 import torch
 
+from .. import limits
 from ..errors import GraphError, ShapeError
-from .ops import Shape, get_op, tensor_shapes
+from .ops import OpDef, Shape, get_op, tensor_shapes
 
 
 @dataclass
@@ -170,12 +172,14 @@ class Graph:
         Returns ``self``.
         """
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        plan = []
+        new_params = 0
         for node in self.topological_order():
             opdef = get_op(node.op, node.where)
             ins = [self.node(i).shape for i in node.inputs]
             try:
                 shape = tuple(opdef.shape(node.attrs, ins))  # type: ignore[arg-type]
-                expected = tensor_shapes(opdef, node.attrs, ins)  # type: ignore[arg-type]
+                expected = tensor_shapes(opdef, node.attrs, ins, node.where)  # type: ignore[arg-type]
             except ShapeError as e:
                 raise ShapeError(f"{node.where}: {e} (input shapes {[list(s) for s in ins]})") from None
             if node.shape is not None and tuple(node.shape) != shape:
@@ -186,13 +190,21 @@ class Graph:
             missing = {k: s for k, s in expected.items() if k not in node.params and k not in node.buffers}
             if not complete:
                 expected = {k: s for k, s in expected.items() if k not in missing}
+            elif missing and gen is None:
+                raise GraphError(f"{node.where}: missing tensor(s) {sorted(missing)}")
             elif missing:
-                if gen is None:
-                    raise GraphError(f"{node.where}: missing tensor(s) {sorted(missing)}")
+                new_params += sum(math.prod(s) for k, s in missing.items() if k not in buffer_names)
+            plan.append((node, opdef, expected, buffer_names, missing if complete else {}))
+        if new_params:
+            limits.check("MAX_PARAMS", self.num_parameters() + new_params, "the number of parameters",
+                         f"graph '{self.name}'")
+        for node, opdef, expected, buffer_names, missing in plan:
+            if missing:
+                assert gen is not None
                 for key, value in opdef.init(node.attrs, expected, gen).items():
                     if key in missing:
                         (node.buffers if key in buffer_names else node.params)[key] = value
-            self._check_tensors(node, expected, buffer_names)
+            self._check_tensors(node, opdef, expected, buffer_names)
         return self
 
     def tensor_specs(self) -> dict[str, tuple[dict[str, Shape], dict[str, Shape]]]:
@@ -205,8 +217,11 @@ class Graph:
         return out
 
     @staticmethod
-    def _check_tensors(node: Node, expected: dict[str, Shape], buffer_names: dict[str, Shape]) -> None:
+    def _check_tensors(node: Node, opdef: OpDef, expected: dict[str, Shape], buffer_names: dict[str, Shape]) -> None:
         have = {**node.params, **node.buffers}
+        for key, t in have.items():
+            if not isinstance(t, torch.Tensor):
+                raise GraphError(f"{node.where}: '{key}' is a {type(t).__name__}, not a tensor")
         unused = sorted(set(have) - set(expected))
         if unused:
             raise GraphError(f"{node.where}: unused tensor(s) {unused}; op '{node.op}' takes {sorted(expected)}")
@@ -216,6 +231,7 @@ class Graph:
             if tuple(have[key].shape) != tuple(want):
                 raise ShapeError(f"{node.where}: tensor '{key}' has shape {list(have[key].shape)}, "
                                  f"expected {list(want)}")
+            opdef.check_tensor_dtype(key, have[key], node.where)
             if (key in buffer_names) != (key in node.buffers):
                 raise GraphError(f"{node.where}: '{key}' must be a {'buffer' if key in buffer_names else 'parameter'}")
 

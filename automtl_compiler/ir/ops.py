@@ -11,14 +11,17 @@ papers' "FLOPs" columns); parameter-free elementwise ops cost one per output ele
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+import numbers
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import limits
 from ..errors import GraphError, ShapeError
 from . import functional as AF
 
@@ -28,46 +31,114 @@ REQUIRED = object()
 
 @dataclass(frozen=True)
 class Attr:
-    """One attribute of an op: its kind (int, float, bool, str, pair, ints, floats, shape) and default."""
+    """One attribute of an op: its kind (int, float, bool, str, pair, ints, floats, shape), default and range.
+
+    Numbers are checked after coercion: ``low``/``high`` are inclusive bounds, ``above`` an exclusive lower
+    bound, ``limit`` the name of a size limit of :mod:`automtl_compiler.limits` (an upper bound that the
+    user can raise); ``finite=False`` admits +-infinity (never NaN). ``choices`` lists the allowed strings;
+    ``length`` fixes the number of ints or floats; ``nonempty`` refuses an empty list.
+    """
 
     kind: str
     default: Any = REQUIRED
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    limit: str | None = None
+    finite: bool = True
+    choices: tuple[str, ...] | None = None
+    length: int | None = None
+    nonempty: bool = False
 
-    def normalise(self, value: Any, where: str) -> Any:
-        """Coerce ``value`` to this attribute's kind; raise GraphError naming ``where`` if impossible."""
+    def normalise(self, value: Any, where: str, key: str = "") -> Any:
+        """Coerce ``value`` to this attribute's kind and check its range; raise GraphError naming ``where``
+        and the attribute ``key`` if it is of the wrong type or out of range."""
         if value is None and self.default is None:
             return None
-        try:
-            if self.kind == "int":
-                if isinstance(value, bool) or int(value) != value:
-                    raise ValueError
-                return int(value)
-            if self.kind == "float":
-                return float(value)
-            if self.kind == "bool":
-                if value not in (True, False, 0, 1):
-                    raise ValueError
+        name = f"attribute '{key}'" if key else "attribute"
+        out = self._coerce(value)
+        if out is None:
+            raise GraphError(f"{where}: {name} value {value!r} is not {_KIND_TEXT[self.kind]}")
+        problem, limit = self._range_problem(out)
+        if limit:
+            raise limits.LimitError(f"{where}: {name} = {_show(out)}: {problem}")
+        if problem:
+            raise GraphError(f"{where}: {name} = {_show(out)} is invalid: {problem}")
+        return out
+
+    def _coerce(self, value: Any) -> Any:
+        if self.kind == "int":
+            return int(value) if _is_int(value) else None
+        if self.kind == "float":
+            return float(value) if _is_real(value) else None
+        if self.kind == "bool":
+            if isinstance(value, (bool, np.bool_)) or (_is_int(value) and value in (0, 1)):
                 return bool(value)
-            if self.kind == "str":
-                if not isinstance(value, str):
-                    raise ValueError
-                return value
-            if self.kind == "pair":
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    value = (value, value)
-                pair = tuple(int(v) for v in value)
-                if len(pair) != 2:
-                    raise ValueError
-                return pair
-            if self.kind in ("ints", "shape"):
-                return tuple(int(v) for v in value)
-            if self.kind == "floats":
-                return tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            pass
-        else:
-            raise AssertionError(f"unknown attribute kind {self.kind}")
-        raise GraphError(f"{where}: attribute value {value!r} is not a valid {self.kind}")
+            return None
+        if self.kind == "str":
+            return value if isinstance(value, str) else None
+        if self.kind in ("pair", "ints", "shape", "floats"):
+            if self.kind == "pair" and _is_int(value):
+                value = (value, value)
+            if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+                return None
+            items = list(value)
+            check = _is_real if self.kind == "floats" else _is_int
+            if not all(check(v) for v in items):
+                return None
+            if self.kind == "pair" and len(items) != 2:
+                return None
+            return tuple(float(v) for v in items) if self.kind == "floats" else tuple(int(v) for v in items)
+        raise AssertionError(f"unknown attribute kind {self.kind}")
+
+    def _range_problem(self, value: Any) -> tuple[str | None, bool]:
+        """(what is wrong, whether it is a size limit), or (None, False)."""
+        if self.kind == "str":
+            if self.choices is not None and value not in self.choices:
+                return f"use one of {', '.join(repr(c) for c in self.choices)}", False
+            return None, False
+        if self.kind == "bool":
+            return None, False
+        items = value if isinstance(value, tuple) else (value,)
+        if self.length is not None and len(items) != self.length:
+            return f"it needs {self.length} values", False
+        if self.nonempty and not items:
+            return "it needs at least one value", False
+        each = "each value" if isinstance(value, tuple) else "it"
+        for v in items:
+            if math.isnan(v) or (self.finite and math.isinf(v)):
+                return ("it must be a finite number" if self.finite else "it must not be NaN"), False
+            if self.low is not None and v < self.low:
+                return f"{each} must be at least {_show(self.low)}", False
+            if self.above is not None and v <= self.above:
+                return f"{each} must be greater than {_show(self.above)}", False
+            if self.high is not None and v > self.high:
+                return f"{each} must be at most {_show(self.high)}", False
+            if self.limit is not None and v > limits.get(self.limit):
+                return (f"{v:,} is more than the limit {self.limit}={limits.get(self.limit):,}; "
+                        f"{limits.how_to_raise(self.limit)}"), True
+        return None, False
+
+
+_KIND_TEXT = {"int": "an integer (not a bool or a float)", "float": "a number", "bool": "true or false",
+              "str": "a string", "pair": "an integer or a pair of integers", "ints": "a list of integers",
+              "shape": "a list of integers", "floats": "a list of numbers"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return repr(v) if isinstance(v, str) else str(v)
 
 
 @dataclass
@@ -120,22 +191,44 @@ class OpDef:
     buffers: ParamRule = _no_tensors
     flops: FlopRule = _elementwise_flops
     init: InitRule = _no_init
+    check: Callable[[dict[str, Any], str], None] | None = None
+    int_tensors: frozenset[str] = frozenset()
 
     def normalise_attrs(self, attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
-        """Fill defaults and coerce values; unknown or missing attributes are a GraphError naming ``where``."""
+        """Fill defaults, coerce values and check their ranges (and the op's cross-attribute rule).
+
+        Unknown, missing, mistyped or out-of-range attributes are a GraphError naming ``where`` and the
+        attribute; this is the one place where every frontend's and the JSON loader's attributes are checked.
+        """
+        if not isinstance(attrs, Mapping):
+            raise GraphError(f"{where}: the attributes of op '{self.name}' must be a mapping, got {attrs!r}")
         unknown = set(attrs) - set(self.attrs)
         if unknown:
-            raise GraphError(f"{where}: op '{self.name}' has no attribute(s) {sorted(unknown)}; "
+            raise GraphError(f"{where}: op '{self.name}' has no attribute(s) {sorted(map(str, unknown))}; "
                              f"it takes {sorted(self.attrs)}")
         out: dict[str, Any] = {}
         for key, spec in self.attrs.items():
             if key in attrs:
-                out[key] = spec.normalise(attrs[key], f"{where}.{key}")
+                out[key] = spec.normalise(attrs[key], where, key)
             elif spec.default is REQUIRED:
                 raise GraphError(f"{where}: op '{self.name}' needs attribute '{key}'")
             else:
                 out[key] = spec.default
+        if self.check is not None:
+            self.check(out, where)
         return out
+
+    def check_tensor_dtype(self, key: str, tensor: torch.Tensor, where: str) -> None:
+        """Parameters and buffers are floating point, except the integer counters in ``int_tensors``."""
+        if key in self.int_tensors:
+            ok = not tensor.dtype.is_floating_point and not tensor.dtype.is_complex and tensor.dtype != torch.bool
+            want = "an integer tensor"
+        else:
+            ok = tensor.dtype.is_floating_point
+            want = "a floating-point tensor (float32)"
+        if not ok:
+            raise GraphError(f"{where}: tensor '{key}' has dtype {str(tensor.dtype).replace('torch.', '')}; "
+                             f"op '{self.name}' needs {want} there; convert the weights")
 
     def check_arity(self, n: int, where: str) -> None:
         """Raise GraphError if ``n`` inputs is not allowed for this op."""
@@ -190,11 +283,46 @@ def _pool_shape(attrs: dict[str, Any], ins: list[Shape], name: str) -> Shape:
     return (x[0], x[1], *hw)
 
 
+# ---------------------------------------------------------------- shared attribute specs
+
+_KERNEL = Attr("pair", low=1, limit="MAX_KERNEL_SIZE")
+_STRIDE = Attr("pair", (1, 1), low=1, limit="MAX_SPATIAL")
+_PADDING = Attr("pair", (0, 0), low=0, limit="MAX_SPATIAL")
+_DILATION = Attr("pair", (1, 1), low=1, limit="MAX_SPATIAL")
+_PROBABILITY = Attr("float", REQUIRED, low=0.0, high=1.0)
+
+
+def _check_input(a: dict[str, Any], where: str) -> None:
+    limits.check_image_shape(a["shape"], "the input shape", where)
+
+
+def _check_conv(a: dict[str, Any], where: str) -> None:
+    if a["out_channels"] % a["groups"]:
+        raise GraphError(f"{where}: attribute 'groups' = {a['groups']} does not divide attribute 'out_channels' = "
+                         f"{a['out_channels']}")
+
+
+def _check_clip(a: dict[str, Any], where: str) -> None:
+    if a["min"] > a["max"]:
+        raise GraphError(f"{where}: attribute 'min' = {a['min']} is greater than attribute 'max' = {a['max']}")
+
+
+def _check_pads(a: dict[str, Any], where: str) -> None:
+    for v in a["pads"]:
+        limits.check("MAX_SPATIAL", abs(v), "the size of attribute 'pads'", where)
+
+
+def _check_dim(dim: int, rank: int, what: str) -> int:
+    if not -rank <= dim < rank:
+        raise ShapeError(f"{what} {dim} is out of range for a {rank}-D input (use -{rank} to {rank - 1})")
+    return dim % rank
+
+
 # ---------------------------------------------------------------- graph input
 
 register(OpDef(
     name="input", doc="A graph input of a fixed shape.", arity=(0, 0),
-    attrs={"shape": Attr("shape")},
+    attrs={"shape": Attr("shape", low=1, nonempty=True)}, check=_check_input,
     shape=lambda a, ins: a["shape"], flops=_free,
     lower=lambda a, p, b: Lowering(),
 ))
@@ -248,9 +376,9 @@ def _conv_lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, torc
 
 register(OpDef(
     name="conv2d", doc="2-D convolution (cross-correlation), symmetric zero padding.",
-    attrs={"out_channels": Attr("int"), "kernel_size": Attr("pair"), "stride": Attr("pair", (1, 1)),
-           "padding": Attr("pair", (0, 0)), "dilation": Attr("pair", (1, 1)), "groups": Attr("int", 1),
-           "bias": Attr("bool", False)},
+    attrs={"out_channels": Attr("int", low=1, limit="MAX_CHANNELS"), "kernel_size": _KERNEL, "stride": _STRIDE,
+           "padding": _PADDING, "dilation": _DILATION, "groups": Attr("int", 1, low=1, limit="MAX_CHANNELS"),
+           "bias": Attr("bool", False)}, check=_check_conv,
     shape=_conv_shape, params=_conv_params, flops=_conv_flops, init=_conv_init, lower=_conv_lower,
 ))
 
@@ -297,8 +425,9 @@ def _bn_lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, torch.
 
 register(OpDef(
     name="batchnorm2d", doc="Batch normalisation over channels (dim 1) of a 4-D tensor.",
-    attrs={"eps": Attr("float", 1e-5), "momentum": Attr("float", 0.1), "affine": Attr("bool", True),
-           "track_running_stats": Attr("bool", True)},
+    attrs={"eps": Attr("float", 1e-5, above=0.0), "momentum": Attr("float", 0.1, low=0.0, high=1.0),
+           "affine": Attr("bool", True), "track_running_stats": Attr("bool", True)},
+    int_tensors=frozenset({"num_batches_tracked"}),
     shape=_bn_shape, params=_bn_params, buffers=_bn_buffers, init=_bn_init, lower=_bn_lower,
     flops=lambda a, ins, out: 2 * _numel(out),
 ))
@@ -330,11 +459,12 @@ for _name, _f, _doc in [
         _free if _name == "identity" else _elementwise_flops)))
 
 register(OpDef(name="gelu", doc="Gaussian error linear unit ('none' exact or 'tanh' approximation).",
-               attrs={"approximate": Attr("str", "none")}, shape=_same, lower=_fn(F.gelu)))
+               attrs={"approximate": Attr("str", "none", choices=("none", "tanh"))}, shape=_same, lower=_fn(F.gelu)))
 register(OpDef(name="leaky_relu", doc="max(x, 0) + negative_slope * min(x, 0).",
                attrs={"negative_slope": Attr("float", 0.01)}, shape=_same, lower=_fn(F.leaky_relu)))
 register(OpDef(name="clip", doc="Clamp to [min, max] (hardtanh).",
-               attrs={"min": Attr("float"), "max": Attr("float")}, shape=_same,
+               attrs={"min": Attr("float", finite=False), "max": Attr("float", finite=False)},
+               check=_check_clip, shape=_same,
                lower=lambda a, p, b: Lowering(function=F.hardtanh,
                                               kwargs={"min_val": a["min"], "max_val": a["max"]})))
 
@@ -344,7 +474,7 @@ def _module_lower(factory: Callable[[dict[str, Any]], nn.Module]) -> LowerRule:
 
 
 register(OpDef(name="dropout", doc="Dropout with probability p in training; identity in eval.",
-               attrs={"p": Attr("float", 0.5)}, shape=_same, flops=_free,
+               attrs={"p": Attr("float", 0.5, low=0.0, high=1.0)}, shape=_same, flops=_free,
                lower=_module_lower(lambda a: nn.Dropout(a["p"]))))
 
 
@@ -354,13 +484,14 @@ def _stochastic_depth(a: dict[str, Any]) -> nn.Module:
 
 
 register(OpDef(name="stochastic_depth", doc="Drop whole residual branches in training (torchvision).",
-               attrs={"p": Attr("float"), "mode": Attr("str", "row")}, shape=_same, flops=_free,
+               attrs={"p": _PROBABILITY, "mode": Attr("str", "row", choices=("row", "batch"))}, shape=_same,
+               flops=_free,
                lower=_module_lower(_stochastic_depth)))
 
 # ---------------------------------------------------------------- pooling
 
-_POOL_ATTRS = {"kernel_size": Attr("pair"), "stride": Attr("pair", None), "padding": Attr("pair", (0, 0)),
-               "ceil_mode": Attr("bool", False)}
+_POOL_ATTRS = {"kernel_size": _KERNEL, "stride": Attr("pair", None, low=1, limit="MAX_SPATIAL"),
+               "padding": _PADDING, "ceil_mode": Attr("bool", False)}
 
 
 def _pool_flops(a: dict[str, Any], ins: list[Shape], out: Shape) -> int:
@@ -376,7 +507,7 @@ def _pool_lower(function: Callable[..., Any]) -> LowerRule:
 
 
 register(OpDef(name="maxpool2d", doc="Max pooling; ceil_mode rounds the output size up (Caffe's CEIL).",
-               attrs={**_POOL_ATTRS, "dilation": Attr("pair", (1, 1))},
+               attrs={**_POOL_ATTRS, "dilation": _DILATION},
                shape=lambda a, ins: _pool_shape(a, ins, "maxpool2d"), flops=_pool_flops,
                lower=_pool_lower(F.max_pool2d)))
 register(OpDef(name="avgpool2d", doc="Average pooling.",
@@ -392,20 +523,20 @@ def _adaptive_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
 
 for _name, _f in [("adaptive_avgpool2d", F.adaptive_avg_pool2d), ("adaptive_maxpool2d", F.adaptive_max_pool2d)]:
     register(OpDef(name=_name, doc="Adaptive pooling to a fixed output size; (1, 1) is global pooling.",
-                   attrs={"output_size": Attr("pair")}, shape=_adaptive_shape,
+                   attrs={"output_size": Attr("pair", low=1, limit="MAX_SPATIAL")}, shape=_adaptive_shape,
                    flops=lambda a, ins, out: _numel(ins[0]), lower=_fn(_f)))
 
 
 def _mean_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
     rank = len(ins[0])
-    dims = {d % rank for d in a["dim"]}
+    dims = {_check_dim(d, rank, "mean over dimension") for d in a["dim"]}
     if a["keepdim"]:
         return tuple(1 if i in dims else s for i, s in enumerate(ins[0]))
     return tuple(s for i, s in enumerate(ins[0]) if i not in dims)
 
 
 register(OpDef(name="mean", doc="Mean over the given dimensions.",
-               attrs={"dim": Attr("ints"), "keepdim": Attr("bool", False)}, shape=_mean_shape,
+               attrs={"dim": Attr("ints", nonempty=True), "keepdim": Attr("bool", False)}, shape=_mean_shape,
                flops=lambda a, ins, out: _numel(ins[0]), lower=_fn(torch.mean)))
 
 # ---------------------------------------------------------------- elementwise n-ary
@@ -434,7 +565,7 @@ register(OpDef(name="max", doc="Elementwise maximum with broadcasting.",
 
 def _concat_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
     rank = len(ins[0])
-    d = a["dim"] % rank
+    d = _check_dim(a["dim"], rank, "concat along dimension")
     for s in ins[1:]:
         if len(s) != rank or any(s[i] != ins[0][i] for i in range(rank) if i != d):
             raise ShapeError(f"concat along dim {a['dim']}: shapes {[list(s) for s in ins]} differ elsewhere")
@@ -455,7 +586,7 @@ def _pad_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
 
 
 register(OpDef(name="pad", doc="Zero padding of the last two dims as (left, right, top, bottom); negative crops.",
-               attrs={"pads": Attr("ints")}, shape=_pad_shape, flops=_free,
+               attrs={"pads": Attr("ints", length=4)}, check=_check_pads, shape=_pad_shape, flops=_free,
                lower=lambda a, p, b: Lowering(function=F.pad, kwargs={"pad": a["pads"]})))
 
 # ---------------------------------------------------------------- reshaping and dense
@@ -463,7 +594,10 @@ register(OpDef(name="pad", doc="Zero padding of the last two dims as (left, righ
 
 def _flatten_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
     x = ins[0]
-    s, e = a["start_dim"] % len(x), a["end_dim"] % len(x)
+    s = _check_dim(a["start_dim"], len(x), "flatten from dimension")
+    e = _check_dim(a["end_dim"], len(x), "flatten to dimension")
+    if s > e:
+        raise ShapeError(f"flatten from dimension {a['start_dim']} to {a['end_dim']}: the start is after the end")
     return (*x[:s], math.prod(x[s:e + 1]), *x[e + 1:])
 
 
@@ -504,11 +638,18 @@ def _linear_lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, to
 
 
 register(OpDef(name="linear", doc="Fully connected layer y = x W^T + b on a 2-D input.",
-               attrs={"out_features": Attr("int"), "bias": Attr("bool", True)},
+               attrs={"out_features": Attr("int", low=1, limit="MAX_CHANNELS"), "bias": Attr("bool", True)},
                shape=_linear_shape, params=_linear_params, init=_linear_init, lower=_linear_lower,
                flops=lambda a, ins, out: _numel(out) * ins[0][1]))
 
 
-def tensor_shapes(op: OpDef, attrs: dict[str, Any], in_shapes: list[Shape]) -> dict[str, Shape]:
-    """Shapes of all parameters and buffers of a node of ``op`` with these inputs."""
-    return {**op.params(attrs, in_shapes), **op.buffers(attrs, in_shapes)}
+def tensor_shapes(op: OpDef, attrs: dict[str, Any], in_shapes: list[Shape], where: str = "") -> dict[str, Shape]:
+    """Shapes of all parameters and buffers of a node of ``op`` with these inputs.
+
+    Each shape is checked against the MAX_TENSOR_BYTES limit (at 4 bytes a value), so a caller can
+    allocate them safely.
+    """
+    shapes = {**op.params(attrs, in_shapes), **op.buffers(attrs, in_shapes)}
+    for key, shape in shapes.items():
+        limits.check_tensor(shape, f"{op.name} tensor '{key}'", where)
+    return shapes

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .. import limits
 from ..errors import AutomtlError, FileFormatError, require_file
 from .graph import Graph
 
@@ -43,8 +45,14 @@ def read_json(path: str | Path, what: str, fmt: str, version: int | None = None)
     """Read one of our JSON files; a missing, malformed or foreign file is a FileFormatError naming it."""
     path = require_file(path, what)
     try:
-        doc = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise FileFormatError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise FileFormatError(f"{path}: not valid JSON ({e}); is this a {what}?") from None
+    try:
+        doc = limits.loads_json(text, str(path))
+    except json.JSONDecodeError as e:
         raise FileFormatError(f"{path}: not valid JSON ({e}); is this a {what}?") from None
     if not isinstance(doc, dict) or doc.get("format") != fmt:
         raise FileFormatError(f"{path}: not an automtl {what} (no \"format\": \"{fmt}\")")
@@ -52,6 +60,75 @@ def read_json(path: str | Path, what: str, fmt: str, version: int | None = None)
         raise FileFormatError(f"{path}: {what} format version {doc.get('version')} is not supported "
                               f"(this automtl reads version {version})")
     return doc
+
+
+#: Bytes per element of each safetensors dtype.
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_MAX_HEADER = 100 * 2**20
+
+
+def check_safetensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Check a safetensors file's header against the file and the limits, before any tensor is read.
+
+    Every tensor's dtype must be known, its shape's byte size must equal its byte range, the ranges must
+    lie inside the file, each tensor within MAX_TENSOR_BYTES and all of them within MAX_PARAMS elements.
+    Returns ``{name: (dtype, shape)}``; a bad header is a FileFormatError naming the file and the tensor.
+    """
+    path = require_file(path, "safetensors file")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FileFormatError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise FileFormatError(f"{path}: corrupt safetensors file (header of {n:,} bytes in a file of "
+                                  f"{size:,} bytes); re-export it")
+        raw = f.read(n)
+    try:
+        header = limits.loads_json(raw, str(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FileFormatError(f"{path}: corrupt safetensors header ({e}); re-export it") from None
+    if not isinstance(header, dict):
+        raise FileFormatError(f"{path}: corrupt safetensors header (not a JSON object); re-export it")
+    data_size = size - 8 - n
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    total = 0
+    for name, rec in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor '{name}'"
+        if not isinstance(rec, dict):
+            raise FileFormatError(f"{where}: corrupt header entry {rec!r}")
+        dtype, shape, offsets = rec.get("dtype"), rec.get("shape"), rec.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise FileFormatError(f"{where}: unsupported dtype {dtype!r} (supported: "
+                                  f"{', '.join(SAFETENSORS_DTYPES)})")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise FileFormatError(f"{where}: corrupt shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise FileFormatError(f"{where}: byte range {offsets!r} is not inside the file's {data_size:,} data "
+                                  "bytes; the file is truncated or corrupt")
+        numel = limits.check_tensor(shape, "the tensor", where, itemsize=SAFETENSORS_DTYPES[dtype],
+                                    error=limits.FileLimitError)
+        if numel * SAFETENSORS_DTYPES[dtype] != offsets[1] - offsets[0]:
+            raise FileFormatError(f"{where}: shape {shape} of {dtype} needs {numel * SAFETENSORS_DTYPES[dtype]:,} "
+                                  f"bytes but its byte range holds {offsets[1] - offsets[0]:,}; the file is corrupt")
+        total += numel
+        out[name] = (dtype, tuple(shape))
+    limits.check("MAX_PARAMS", total, "the number of values", str(path), error=limits.FileLimitError)
+    return out
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file after :func:`check_safetensors`; a corrupt file is a FileFormatError."""
+    check_safetensors(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FileFormatError(f"{path}: corrupt safetensors file ({e}); re-export it") from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -128,10 +205,7 @@ def load_graph(path: str | Path) -> Graph:
     tensors: dict[str, torch.Tensor] = {}
     if doc.get("weights") is not None:
         wpath = require_file(path.parent / str(doc["weights"]), "graph weights file")
-        try:
-            tensors = load_file(str(wpath))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise FileFormatError(f"{wpath}: corrupt safetensors file ({e}); re-export the graph") from None
+        tensors = load_safetensors(wpath)
     graph = Graph(doc.get("name", path.stem))
     try:
         for rec in doc["nodes"]:
@@ -155,9 +229,9 @@ def load_graph(path: str | Path) -> Graph:
         graph.outputs = list(doc["outputs"])
         if wpath is None:
             graph.materialise(seed=0)
-    except (KeyError, TypeError) as e:
+        graph.validate()
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise FileFormatError(f"{path}: malformed graph record ({e!r})") from None
     except AutomtlError as e:
         raise type(e)(f"{path}: {e}") from None
-    graph.validate()
     return graph

@@ -8,6 +8,7 @@ Any ``nn.Module`` that takes the backbone's feature map can serve as a head; the
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import limits
 from ..classpath import (
     UntrustedCodeError,
     add_to_registry,
@@ -25,6 +27,18 @@ from ..classpath import (
     load_class,
 )
 from ..errors import AutomtlError
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_sizes(head: str, **sizes: Any) -> None:
+    """Each size is a positive int (else ValueError) within MAX_CHANNELS (else LimitError)."""
+    for name, value in sizes.items():
+        if not _is_int(value) or value <= 0:
+            raise ValueError(f"{head} needs a positive integer {name}, got {value!r}")
+        limits.check("MAX_CHANNELS", value, f"{name}", head)
 
 
 class ASPPHead(nn.Module):
@@ -41,8 +55,18 @@ class ASPPHead(nn.Module):
                  rates: Sequence[int] = (6, 12, 18, 24), dropout: float = 0.5,
                  upsample_to_input: bool = False) -> None:
         super().__init__()
-        if in_channels <= 0 or num_classes <= 0 or hidden <= 0 or not rates:
-            raise ValueError("ASPPHead needs positive in_channels, num_classes, hidden and at least one rate")
+        _check_sizes("ASPPHead", in_channels=in_channels, num_classes=num_classes, hidden=hidden)
+        if isinstance(rates, (str, bytes)) or not isinstance(rates, Sequence) or not rates \
+                or not all(_is_int(r) and 1 <= r <= limits.get("MAX_SPATIAL") for r in rates):
+            raise ValueError(f"ASPPHead needs at least one rate, each a positive integer up to MAX_SPATIAL, got "
+                             f"{rates!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
+            raise ValueError(f"ASPPHead needs a dropout probability in [0, 1], got {dropout!r}")
+        branch = in_channels * hidden * 9 + hidden + hidden * hidden + hidden + hidden * num_classes + num_classes
+        for shape in ((hidden, in_channels, 3, 3), (hidden, hidden, 1, 1), (num_classes, hidden, 1, 1)):
+            limits.check_tensor(shape, "an ASPPHead weight", "ASPPHead")
+        limits.check("MAX_PARAMS", branch * len(rates), f"the number of parameters of an ASPPHead (in_channels "
+                     f"{in_channels}, hidden {hidden}, {len(rates)} rates, {num_classes} classes)", "ASPPHead")
         self.upsample_to_input = upsample_to_input
         self.spec = {"type": "aspp", "in_channels": in_channels, "num_classes": num_classes, "hidden": hidden,
                      "rates": list(rates), "dropout": dropout, "upsample_to_input": upsample_to_input}
@@ -66,8 +90,10 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
-        if in_channels <= 0 or num_classes <= 0:
-            raise ValueError("ClassificationHead needs positive in_channels and num_classes")
+        _check_sizes("ClassificationHead", in_channels=in_channels, num_classes=num_classes)
+        limits.check_tensor((num_classes, in_channels), "the ClassificationHead weight", "ClassificationHead")
+        limits.check("MAX_PARAMS", (in_channels + 1) * num_classes, "the number of parameters of a "
+                     "ClassificationHead", "ClassificationHead")
         self.spec = {"type": "cls", "in_channels": in_channels, "num_classes": num_classes}
         self.fc = nn.Linear(in_channels, num_classes)
 
