@@ -1,48 +1,108 @@
 """``automtl``: a thin click application over the library. It parses, calls, and prints.
 
-Every user error (an AutomtlError or a bad option) is printed as one line on stderr with exit status 2;
-``--debug`` shows the traceback instead.
+Errors (see :class:`_Group`): everything a user can cause - an AutomtlError, a bad option, an OS error on
+a path (permission denied, no space, a directory where a file goes), a file that is not text - is one line
+on stderr and exit status 2; anything else is a bug, reported as one ``internal error:`` line and exit 1.
+``--debug``, anywhere on the command line, prints the traceback before that line (the exit status is the same).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
-from automtl_compiler.errors import AutomtlError
+from automtl_compiler.errors import AutomtlError, one_line
+
+#: What to do about an OS error on a path, by errno.
+_OS_HINTS = {
+    errno.EACCES: "check its permissions, or choose another path",
+    errno.EPERM: "check its permissions, or choose another path",
+    errno.EROFS: "the file system is read-only; choose another path",
+    errno.ENOSPC: "the disk is full; free some space or choose another path",
+    errno.EDQUOT: "the disk quota is exceeded; free some space or choose another path",
+    errno.EISDIR: "it is a directory; give the path of a file",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; check the path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EEXIST: "choose another path",
+}
+#: The name of the temporary file or directory written beside an output before it is moved into place.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def _take_debug(argv: list[str]) -> tuple[bool, list[str]]:
+    """Remove every ``--debug`` before a ``--`` separator: it is honoured wherever it is written."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    return len(kept) != len(argv), kept
+
+
+def _os_error_line(e: OSError) -> str:
+    """One line for an OS error on a path: the path the user named (not a temporary name beside it), the
+    system's reason, and what to do."""
+    name = e.filename2 if e.filename2 is not None else e.filename
+    path = Path(str(name))
+    temporary = _TEMPORARY.fullmatch(path.name)
+    if temporary:
+        path = path.parent / temporary.group("name")
+    reason = e.strerror or type(e).__name__
+    return f"{path}: {reason} ({_OS_HINTS.get(e.errno or 0, 'check the path')})"
 
 
 class _Group(click.Group):
-    """A click group that turns every error into one readable line and a non-zero exit."""
+    """A click group that turns every error into one readable line and a non-zero exit.
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:
+    Exit 2 (one line ``error: ...``): AutomtlError, click's usage errors, an OSError from the system (it
+    names the path and what to do), a UnicodeDecodeError (a binary file where text is read). Exit 1 (one
+    line ``internal error: ...``): any other exception, a bug. ``--debug`` anywhere prints the traceback first.
+    """
+
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        debug, argv = _take_debug(list(sys.argv[1:] if args is None else args))
         kwargs["standalone_mode"] = False
-        debug = "--debug" in sys.argv[1:]
         try:
-            return super().main(*args, **kwargs)
+            return super().main(argv, *rest, **kwargs)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.exceptions.Abort:
             click.echo("error: aborted", err=True)
             sys.exit(1)
         except (AutomtlError, click.ClickException) as e:
-            if debug:
-                traceback.print_exc()
-            message = e.format_message() if isinstance(e, click.ClickException) else str(e)
-            click.echo(f"error: {' '.join(message.split())}" if "\n" not in message.strip()
-                       else f"error: {message.strip()}", err=True)
-            sys.exit(2)
-        except Exception as e:  # a bug, not bad input: still one line, traceback on request
-            if debug:
-                traceback.print_exc()
-            click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and "
-                       "please report it)", err=True)
-            sys.exit(1)
+            self._fail(debug, e.format_message() if isinstance(e, click.ClickException) else str(e))
+        except OSError as e:
+            if e.errno is None:
+                self._bug(debug, e)
+            self._fail(debug, _os_error_line(e) if e.filename is not None else f"{e.strerror or e} "
+                       f"({_OS_HINTS.get(e.errno, 'check the paths given')})")
+        except UnicodeDecodeError as e:
+            self._fail(debug, f"a file that should be text is binary or not UTF-8 ({one_line(e, 160)}); check the "
+                              "paths given")
+        except Exception as e:  # noqa: BLE001 - a bug, not bad input: one line, traceback on request
+            self._bug(debug, e)
+
+    @staticmethod
+    def _fail(debug: bool, message: str) -> NoReturn:
+        """A user error: the traceback when ``debug``, then ``error: message`` on one line; exit 2."""
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {' '.join(message.split())}", err=True)
+        sys.exit(2)
+
+    @staticmethod
+    def _bug(debug: bool, e: BaseException) -> NoReturn:
+        """An internal error: the traceback when ``debug``, then one ``internal error:`` line; exit 1."""
+        if debug:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(e).__name__}: {one_line(e, 500)} (rerun with --debug for the traceback "
+                   "and please report it)", err=True)
+        sys.exit(1)
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -82,7 +142,7 @@ def _WEIGHTS(command: Any) -> Any:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also accepted after the subcommand).")
 @click.version_option(package_name="automtl-compiler")
 def main(debug: bool) -> None:
     """automtl: compile CNN backbones into multi-task networks.
@@ -370,8 +430,11 @@ def _weights_override(weights: str | None, non_strict: bool) -> list[str]:
               help="Override a config key (dotted), e.g. --set stages.pretrain.iters=10. Repeatable.")
 @click.option("--baseline", type=click.Choice(["single-task", "all-share"]), default=None,
               help="Train a reference with the same budget instead (for Δm).")
-@click.option("--resume", is_flag=True, help="Require an earlier run of the same config in --out to resume.")
-@click.option("--overwrite", is_flag=True, help="Replace whatever run is in --out.")
+@click.option("--resume", is_flag=True,
+              help="Require an earlier run of the same config in --out to resume (it resumes without this too).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the automtl run in --out (kept aside until the new run's first checkpoint, put back if "
+                   "it fails before); a directory that is not an automtl run is never replaced.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @_WEIGHTS
 def train(config: str | None, out: str, overrides: tuple[str, ...], baseline: str | None, resume: bool,
@@ -399,7 +462,9 @@ def train(config: str | None, out: str, overrides: tuple[str, ...], baseline: st
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key (dotted), e.g. --set stages.pretrain.iters=10. Repeatable.")
 @click.option("--no-references", is_flag=True, help="Do not train the single-task references (no Δm).")
-@click.option("--overwrite", is_flag=True, help="Replace whatever run is in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the automtl run in --out (kept aside until the new run's first checkpoint, put back if "
+                   "it fails before); a directory that is not an automtl run is never replaced.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @_WEIGHTS
 def run(config: str | None, out: str | None, quick: bool, overrides: tuple[str, ...], no_references: bool,

@@ -28,10 +28,17 @@ def test_python_entry_backbone_errors_are_clear() -> None:
         load_backbone("no_such_module_xyz:build")
     with pytest.raises(AutomtlError, match="has no function nothing_here"):
         load_backbone("tests.helpers:nothing_here")
-    with pytest.raises(AutomtlError, match=r"randn\(\) raised TypeError"):
-        load_backbone("torch:randn")  # the user's function fails: one line, no traceback
+    with pytest.raises(AutomtlError, match=r"failing_entry\(\) raised ValueError: no backbone today"):
+        load_backbone("tests.test_benchmarks_runner:failing_entry")  # the user's function fails: one line
+    with pytest.raises(AutomtlError, match="torch:randn"):
+        load_backbone("torch:randn")  # a built-in is not a backbone builder: refused before it is called
     with pytest.raises(AutomtlError, match=r"returned a Tensor, not an nn\.Module"):
         load_backbone("tests.test_benchmarks_runner:not_a_module")
+
+
+def failing_entry():
+    """A backbone entry whose own code fails."""
+    raise ValueError("no backbone today")
 
 
 def not_a_module():

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import AutomtlError, FileFormatError
+from ..errors import AutomtlError, FileFormatError, one_line
 from ..ir.graph import Graph
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
@@ -115,25 +115,65 @@ def _copy_module(module: Any) -> Any:
 
 ENTRY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*")
 
+#: Top-level modules whose objects are never called as a backbone entry point: they end, replace or
+#: signal the process, run other programs, or wait for a terminal (``os:abort``, ``sys:exit``, ``pdb:set_trace``).
+REFUSED_MODULES = frozenset({
+    "builtins", "os", "posix", "nt", "sys", "subprocess", "_posixsubprocess", "shutil", "signal", "_signal",
+    "faulthandler", "atexit", "ctypes", "multiprocessing", "threading", "_thread", "concurrent", "asyncio",
+    "pdb", "bdb", "code", "pty", "tty", "termios", "getpass", "webbrowser", "runpy", "importlib", "socket",
+    "resource", "gc", "site", "pydoc", "idlelib", "tkinter", "turtle", "antigravity", "this",
+})
+
+
+def _refused(module_name: str | None) -> bool:
+    return (module_name or "").split(".")[0] in REFUSED_MODULES
+
 
 def _call_entry(text: str) -> Any:
-    """Import ``package.module`` and call ``function()``: the user's own code that builds the backbone."""
+    """Import ``package.module`` and call ``function()``: the user's own code that builds the backbone.
+
+    The entry point must be a Python function (or an ``nn.Module`` subclass) that takes no arguments, defined
+    outside :data:`REFUSED_MODULES`; builtins and C functions are refused. Whatever it raises, including
+    ``SystemExit`` and ``KeyboardInterrupt``, becomes an AutomtlError, and it must return an ``nn.Module``.
+    """
     import importlib
+    import inspect
 
     import torch
 
     module_name, _, function = text.partition(":")
+    if _refused(module_name):
+        raise AutomtlError(f"backbone '{text}': {module_name} is not a module of backbones; name a function of "
+                           "your own that returns an nn.Module, e.g. mypackage.models:build")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise AutomtlError(f"backbone '{text}': cannot import {module_name} ({e}); is it on PYTHONPATH?") from None
+        raise AutomtlError(f"backbone '{text}': cannot import {module_name} ({one_line(e)}); is it on "
+                           "PYTHONPATH?") from None
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # noqa: BLE001 - the user's module ran and failed
+        raise AutomtlError(f"backbone '{text}': importing {module_name} raised {type(e).__name__}: "
+                           f"{one_line(e)}") from None
     fn = getattr(module, function, None)
-    if not callable(fn):
+    if fn is None:
         raise AutomtlError(f"backbone '{text}': {module_name} has no function {function}")
+    is_module_class = inspect.isclass(fn) and issubclass(fn, torch.nn.Module)
+    if not (inspect.isfunction(fn) or is_module_class) or _refused(getattr(fn, "__module__", None)):
+        raise AutomtlError(f"backbone '{text}': {function} is a {type(fn).__name__} (from "
+                           f"{getattr(fn, '__module__', None) or module_name}); builtins, C functions and system "
+                           "modules are refused: name a Python function of your own that takes no arguments and "
+                           "returns an nn.Module")
+    try:
+        inspect.signature(fn).bind()
+    except TypeError:
+        raise AutomtlError(f"backbone '{text}': {function}() needs arguments; name a function that takes none "
+                           "(wrap the call in one) and returns an nn.Module") from None
+    except ValueError:
+        pass  # no signature to inspect: let the call tell
     try:
         model = fn()
-    except Exception as e:  # noqa: BLE001 - the user's code: report it in one line
-        raise AutomtlError(f"backbone '{text}': {function}() raised {type(e).__name__}: {e}") from None
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # noqa: BLE001 - the user's code: one line
+        raise AutomtlError(f"backbone '{text}': {function}() raised {type(e).__name__}: {one_line(e)}"
+                           ) from None
     if not isinstance(model, torch.nn.Module):
         raise AutomtlError(f"backbone '{text}': {function}() returned a {type(model).__name__}, not an nn.Module")
     return model

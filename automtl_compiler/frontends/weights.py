@@ -24,6 +24,11 @@ Matching
     torch.fx would have named after that module (``layer1_0_conv1``), which is how the project's
     prototxt exporter names layers.
 
+    Values: a tensor that fills a parameter or floating-point buffer must be float16, bfloat16, float32 or
+    float64 with only finite values; one that fills an integer buffer (``num_batches_tracked``) must be an
+    integer. Complex, boolean and other tensors, NaN and infinity are a :class:`FileFormatError` naming the
+    file and the tensors (:func:`check_values`), never silently cast.
+
     Missing, unexpected and mis-shaped tensors are reported together in one
     :class:`WeightsMismatchError` naming the file. ``strict=False`` ignores unexpected tensors (e.g. a
     classifier the backbone does not have) but never mis-shaped ones nor tensors the network needs;
@@ -53,6 +58,10 @@ STATE_DICT_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors")
 WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 #: Prefixes a wrapper module adds to every key (DataParallel/DDP, torch.compile).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: The dtypes a tensor filling a parameter or floating-point buffer may have.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: The dtypes a tensor filling an integer buffer may have.
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 #: Tensors a weights file may leave out (batch norm's step counter, only used with momentum=None).
 OPTIONAL_TENSORS = ("num_batches_tracked",)
 SHOWN = 5
@@ -198,6 +207,35 @@ def _report(path: Path, target: str, missing: list[str], unexpected: list[str], 
                                "; ".join(hints) + ")")
 
 
+def value_problem(tensor: torch.Tensor, target: torch.dtype = torch.float32) -> str | None:
+    """Why ``tensor`` cannot fill a parameter or buffer of dtype ``target``, or None when it can.
+
+    A floating-point target takes finite float16/bfloat16/float32/float64 values, an integer target an integer
+    tensor, a boolean target a boolean one.
+    """
+    dtype = str(tensor.dtype).replace("torch.", "")
+    if target == torch.bool:
+        return None if tensor.dtype == torch.bool else f"{dtype}, needs bool"
+    if not (target.is_floating_point or target.is_complex):
+        return None if tensor.dtype in INTEGER_DTYPES else f"{dtype}, needs an integer type"
+    if tensor.dtype not in FLOAT_DTYPES:
+        return f"{dtype}, needs float16/bfloat16/float32/float64"
+    bad = int((~torch.isfinite(tensor)).sum()) if tensor.numel() else 0
+    return f"{bad} NaN/inf value(s)" if bad else None
+
+
+def check_values(path: str | Path, items: Iterable[tuple[str, torch.Tensor, torch.dtype]]) -> None:
+    """Raise one FileFormatError naming ``path`` and the tensors of ``items`` (``(key, tensor, target dtype)``)
+    whose dtype or values cannot be weights (see :func:`value_problem`)."""
+    bad = [f"{key} ({problem})" for key, tensor, target in items
+           if (problem := value_problem(tensor, target)) is not None]
+    if bad:
+        raise FileFormatError(f"{path}: {len(bad)} tensor(s) cannot be loaded as weights: "
+                              + ", ".join(bad[:SHOWN]) + (", ..." if len(bad) > SHOWN else "")
+                              + "; weights must be finite floating-point numbers (integers only for counters such "
+                              "as num_batches_tracked): save the file from a trained float model")
+
+
 def _shape_text(given: torch.Tensor, want: Iterable[int]) -> str:
     return f"{list(given.shape)} (needs {list(want)})"
 
@@ -216,6 +254,7 @@ def load_into_module(module: nn.Module, path: str | Path, *, strict: bool = True
     misshaped = sorted(f"{k} {_shape_text(v, have[k].shape)}" for k, v in given.items()
                        if k in have and tuple(v.shape) != tuple(have[k].shape))
     _report(p, f"{type(module).__name__}", missing, unexpected, misshaped, [], strict)
+    check_values(p, ((k, v, have[k].dtype) for k, v in given.items() if k in have))
     with torch.no_grad():
         for key, value in given.items():
             if key in have:
@@ -285,10 +324,12 @@ def assign_to_graph(graph: Graph, given: Mapping[str, torch.Tensor], path: str |
             chosen[target] = value
     missing = sorted(k for k in have if k not in source_of and k not in optional and not _optional(k))
     _report(path, f"network '{graph.name}'", missing, sorted(unexpected), sorted(misshaped), twice, strict)
+    dtypes = {t: torch.long if t.rsplit("/", 1)[1] == "num_batches_tracked" else torch.float32 for t in chosen}
+    check_values(path, ((target, value, dtypes[target]) for target, value in chosen.items()))
     for target, value in chosen.items():
         name, tensor = target.rsplit("/", 1)
         node = graph.node(name)
-        dtype = torch.long if tensor == "num_batches_tracked" else torch.float32
+        dtype = dtypes[target]
         (node.buffers if have[target][1] else node.params)[tensor] = value.to(dtype).contiguous()
 
 
@@ -299,5 +340,6 @@ def load_into_graph(graph: Graph, path: str | Path, *, strict: bool = True, opti
     assign_to_graph(graph, read_state_dict(p), p, strict=strict, optional=optional)
 
 
-__all__ = ["STATE_DICT_SUFFIXES", "TORCH_SUFFIXES", "WeightsMismatchError", "assign_to_graph", "fx_name",
-           "load_into_graph", "load_into_module", "read_state_dict", "unwrap_state_dict"]
+__all__ = ["FLOAT_DTYPES", "INTEGER_DTYPES", "STATE_DICT_SUFFIXES", "TORCH_SUFFIXES", "WeightsMismatchError",
+           "assign_to_graph", "check_values", "fx_name", "load_into_graph", "load_into_module", "read_state_dict",
+           "unwrap_state_dict", "value_problem"]

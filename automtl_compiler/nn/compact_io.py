@@ -11,15 +11,25 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..ir.serialize import atomic_write, load_graph, read_json, save_graph
+from ..errors import brief
+from ..ir.serialize import atomic_write, load_graph, save_graph
 from .heads import build_heads, head_spec
-from .policy import Policy
-from .supermodel_io import load_state, output_directory, save_state
+from .policy import Policy, read_document
+from .supermodel_io import (
+    MISSING,
+    check_tasks_and_heads,
+    damaged,
+    load_state,
+    output_directory,
+    save_state,
+)
 
 if TYPE_CHECKING:
     from .compact import CompactModel
 
 FORMAT = "automtl-compact"
+#: The counts ``reference`` records (compact.json), each a whole number >= 0.
+REFERENCE_KEYS = ("supermodel_params", "single_task_params", "trunk_params", "trunk_flops")
 
 
 def save_compact(model: CompactModel, directory: str | Path) -> Path:
@@ -45,10 +55,20 @@ def load_compact(directory: str | Path, heads: dict[str, nn.Module] | None = Non
 
     directory = Path(directory)
     meta = directory / "compact.json"
-    doc = read_json(meta, "compact model description (compact.json)", FORMAT, 1)
+    doc = read_document(meta, "compact model description (compact.json)", FORMAT, 1)
+    tasks = check_tasks_and_heads(doc, meta)
+    if not isinstance(doc.get("policy"), dict):
+        raise damaged(meta, "policy", "the policy the model was pruned to", doc.get("policy", MISSING))
+    policy = Policy.from_json(doc["policy"], str(meta))
+    if sorted(policy.tasks) != sorted(tasks):
+        raise damaged(meta, "policy", f"a policy of the tasks {brief(tasks)}", sorted(policy.tasks))
+    reference = doc.get("reference")
+    if reference and not (isinstance(reference, dict) and sorted(reference) == sorted(REFERENCE_KEYS)
+                          and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+                                  for v in reference.values())):
+        raise damaged(meta, "reference", f"null or whole numbers >= 0 for {', '.join(REFERENCE_KEYS)}", reference)
     built = build_heads(doc["heads"], heads, str(meta), trust_code=trust_code)
     graph = load_graph(directory / "graph.json")
-    model = CompactModel(graph, list(doc["tasks"]), built, Policy.from_json(doc["policy"], str(meta)),
-                         doc.get("reference"))
+    model = CompactModel(graph, tasks, built, policy, reference)
     load_state(model.heads, directory / "heads.safetensors")
     return model

@@ -10,20 +10,56 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import AutomtlError, FileFormatError, require_file
-from ..ir.serialize import atomic_write, load_graph, read_json, save_graph
+from .. import limits
+from ..errors import AutomtlError, FileFormatError, brief, one_line, require_file
+from ..frontends.weights import check_values
+from ..ir.serialize import atomic_write, load_graph, load_safetensors, save_graph
 from ..passes.multitask import insert_task_branches
 from .heads import build_heads, head_spec
-from .policy import Policy
+from .policy import MAX_NAME, MAX_TASKS, Policy, read_document
 
 if TYPE_CHECKING:
     from .supermodel import SuperModel
 
 FORMAT = "automtl-supermodel"
+#: Stands for a key a document lacks (``damaged(..., got=MISSING)``).
+MISSING = object()
+#: Integer fields of a recorded head spec, each a whole number in 1..limits MAX_CHANNELS.
+HEAD_SIZES = ("in_channels", "num_classes", "hidden")
+
+
+def damaged(path: str | Path, key: str, expected: str, got: object) -> FileFormatError:
+    """The error for a key of a model description that is missing or of the wrong kind."""
+    found = "is missing" if got is MISSING else f"is {brief(got)}"
+    return FileFormatError(f"{path}: '{key}' {found}; it must be {expected} (the file is damaged or was not "
+                           "written by automtl; write it again with automtl)")
+
+
+def check_tasks_and_heads(doc: dict, path: str | Path) -> list[str]:
+    """Check the ``tasks`` and ``heads`` of a model description (supermodel.json, compact.json): a list of
+    distinct task names and a head spec per task; returns the tasks."""
+    tasks = doc.get("tasks", MISSING)
+    if (not isinstance(tasks, list) or not 0 < len(tasks) <= MAX_TASKS
+            or not all(isinstance(t, str) and 0 < len(t) <= MAX_NAME for t in tasks) or len(set(tasks)) != len(tasks)):
+        raise damaged(path, "tasks", f"a list of 1..{MAX_TASKS} distinct task names", tasks)
+    heads = doc.get("heads", MISSING)
+    if not isinstance(heads, dict) or sorted(heads) != sorted(tasks):
+        raise damaged(path, "heads", f"a mapping from each task ({brief(tasks)}) to its head spec", heads)
+    for task, spec in heads.items():
+        key = f"heads.{one_line(task, 40)}"
+        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+            raise damaged(path, key, "a head spec with a \"type\"", spec)
+        high = limits.get("MAX_CHANNELS")
+        for field in HEAD_SIZES:
+            value = spec.get(field, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
+                raise damaged(path, f"{key}.{field}", f"a whole number in 1..{high}", value)
+        if spec.get("options") is not None and not isinstance(spec["options"], dict):
+            raise damaged(path, f"{key}.options", "a mapping of the head's options", spec["options"])
+    return tasks
 
 
 def output_directory(directory: str | Path) -> Path:
@@ -54,16 +90,21 @@ def save_state(module: nn.Module, path: Path) -> None:
 
 
 def load_state(module: nn.Module, path: Path) -> None:
-    """Load a safetensors state dict into ``module``; a corrupt or mismatched file is a FileFormatError."""
+    """Load a safetensors state dict into ``module``; a corrupt or mismatched file (missing, unexpected or
+    mis-shaped tensors, a dtype that does not fit, NaN or infinity) is a FileFormatError naming it."""
     wpath = require_file(path, path.name)
-    try:
-        state = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FileFormatError(f"{wpath}: corrupt safetensors file ({e})") from None
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise FileFormatError(f"{wpath}: weights do not match the model (missing {result.missing_keys[:5]}, "
-                              f"unexpected {result.unexpected_keys[:5]})")
+    state = load_safetensors(wpath)
+    have = module.state_dict()
+    missing = [k for k in have if k not in state]
+    unexpected = [k for k in state if k not in have]
+    misshaped = [f"{k} {list(v.shape)} (needs {list(have[k].shape)})" for k, v in state.items()
+                 if k in have and v.shape != have[k].shape]
+    if missing or unexpected or misshaped:
+        raise FileFormatError(f"{wpath}: weights do not match the model (missing {brief(missing)}, unexpected "
+                              f"{brief(unexpected)}, mis-shaped {brief(misshaped)}); write the model again with "
+                              "automtl")
+    check_values(wpath, ((k, v, have[k].dtype) for k, v in state.items()))
+    module.load_state_dict(state, strict=True)
 
 
 def load_supermodel(directory: str | Path, heads: dict[str, nn.Module] | None = None,
@@ -78,11 +119,18 @@ def load_supermodel(directory: str | Path, heads: dict[str, nn.Module] | None = 
 
     directory = Path(directory)
     meta_path = directory / "supermodel.json"
-    doc = read_json(meta_path, "SuperModel description (supermodel.json)", FORMAT, 1)
+    doc = read_document(meta_path, "SuperModel description (supermodel.json)", FORMAT, 1)
+    tasks = check_tasks_and_heads(doc, meta_path)
+    if doc.get("feature_node") is not None and not isinstance(doc["feature_node"], str):
+        raise damaged(meta_path, "feature_node", "a node name or null", doc["feature_node"])
+    fixed = doc.get("fixed_policy")
+    if fixed is not None and not isinstance(fixed, dict):
+        raise damaged(meta_path, "fixed_policy", "a policy or null", fixed)
+    policy = Policy.from_json(fixed, str(meta_path)) if fixed else None
     graph = load_graph(directory / "backbone.json")
     built = build_heads(doc["heads"], heads, str(meta_path), trust_code=trust_code)
-    model = SuperModel(insert_task_branches(graph, list(doc["tasks"])), built)
+    model = SuperModel(insert_task_branches(graph, tasks), built)
     load_state(model, directory / "weights.safetensors")
-    if doc.get("fixed_policy"):
-        model.set_policy(Policy.from_json(doc["fixed_policy"], str(meta_path)))
+    if policy is not None:
+        model.set_policy(policy.check(model.tasks, model.unit_names, where=str(meta_path)))
     return model
