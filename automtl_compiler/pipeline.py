@@ -51,7 +51,8 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
     """Run the whole pipeline for ``config`` (None: the built-in default) into ``out``; return the report.
 
     Re-running the same command resumes: finished training is not repeated, the later steps are redone.
-    A directory holding a run of another config is an error unless ``overwrite``.
+    A directory holding a run of another config is an error unless ``overwrite``, which replaces only an
+    automtl run directory (the old run is put back when the new one fails before its first checkpoint).
     """
     import torch
 
@@ -61,8 +62,8 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
     from .train.run import (
         make_datasets,
         make_task_types,
-        prepare_run_dir,
         resolve_input_size,
+        run_directory,
         train_single_task_references,
     )
     from .train.trainer import Trainer, read_baseline
@@ -74,45 +75,46 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
         cfg["baselines"] = str(out / "references" / "report.json")
     datasets = make_datasets(cfg)
     resolve_input_size(cfg, datasets)
-    prepare_run_dir(out, cfg, resume=False, overwrite=overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))  # marks the directory as this run's before anything else
-    quiet = not progress
-    types = make_task_types(cfg, datasets["train"])
-    tasks = list(cfg["tasks"])
+    # the marker first, then config.yaml: a replaced run (--overwrite) waits aside until the first checkpoint
+    with run_directory(out, cfg, resume=False, overwrite=overwrite, kind="run") as run_dir:
+        (out / "config.yaml").write_text(dump_config(cfg))
+        quiet = not progress
+        types = make_task_types(cfg, datasets["train"])
+        tasks = list(cfg["tasks"])
 
-    if train_references:
-        _say(f"training {len(tasks)} single-task references with the same budget -> {out / 'references'}", quiet)
-        train_single_task_references(cfg, out / "references", datasets=datasets, task_types=types,
-                                     progress=progress)
+        if train_references:
+            _say(f"training {len(tasks)} single-task references with the same budget -> {out / 'references'}", quiet)
+            train_single_task_references(cfg, out / "references", datasets=datasets, task_types=types,
+                                         progress=progress, on_checkpoint=run_dir.commit)
 
-    _say("training the multi-task SuperModel (pre-train, policy-train, sample, post-train)", quiet)
-    trainer = Trainer(cfg, out, datasets=datasets, task_types=types, progress=progress)
-    report = trainer.run()
-    model = trainer.model.cpu().eval()
-    policy = model.fixed_policy
-    if policy is None:
-        raise AutomtlError(f"{out}: the training run ended without a policy; remove the directory and run again")
-    model.save(out / "supermodel")  # policy.json was written by the sample stage
+        _say("training the multi-task SuperModel (pre-train, policy-train, sample, post-train)", quiet)
+        trainer = Trainer(cfg, out, datasets=datasets, task_types=types, progress=progress)
+        trainer.on_checkpoint = run_dir.commit
+        report = trainer.run()
+        model = trainer.model.cpu().eval()
+        policy = model.fixed_policy
+        if policy is None:
+            raise AutomtlError(f"{out}: the training run ended without a policy; run again with another --out")
+        model.save(out / "supermodel")  # policy.json was written by the sample stage
 
-    _say("pruning to the sampled policy and exporting to ONNX (verified in onnxruntime)", quiet)
-    compact = prune(model, policy)
-    compact.save(out / "compact")
-    h, w = cfg["input_size"]
-    onnx_path = export_onnx(compact, out / "model.onnx", input_shape=(1, 3, h, w))
-    singles = {t: export_onnx(compact, out / "tasks" / f"{t}.onnx", input_shape=(1, 3, h, w), task=t) for t in tasks}
+        _say("pruning to the sampled policy and exporting to ONNX (verified in onnxruntime)", quiet)
+        compact = prune(model, policy)
+        compact.save(out / "compact")
+        h, w = cfg["input_size"]
+        onnx_path = export_onnx(compact, out / "model.onnx", input_shape=(1, 3, h, w))
+        singles = {t: export_onnx(compact, out / "tasks" / f"{t}.onnx", input_shape=(1, 3, h, w), task=t) for t in tasks}
 
-    _say("timing the exported model in onnxruntime", quiet)
-    torch.manual_seed(cfg["seed"])
-    report["onnx"] = latency(onnx_path, singles, repeat=latency_repeat)
-    report["files"] = {"model.onnx": str(onnx_path), "report.json": str(out / "report.json"),
-                       "policy.png": str(out / "policy.png"), "supermodel": str(out / "supermodel"),
-                       "compact": str(out / "compact")}
-    if cfg["baselines"]:
-        report["references"] = read_baseline(Path(cfg["baselines"]), tasks)
-    text = json.dumps(report, indent=1)
-    atomic_write(out / "report.json", lambda tmp: tmp.write_text(text))
-    return report
+        _say("timing the exported model in onnxruntime", quiet)
+        torch.manual_seed(cfg["seed"])
+        report["onnx"] = latency(onnx_path, singles, repeat=latency_repeat)
+        report["files"] = {"model.onnx": str(onnx_path), "report.json": str(out / "report.json"),
+                           "policy.png": str(out / "policy.png"), "supermodel": str(out / "supermodel"),
+                           "compact": str(out / "compact")}
+        if cfg["baselines"]:
+            report["references"] = read_baseline(Path(cfg["baselines"]), tasks)
+        text = json.dumps(report, indent=1)
+        atomic_write(out / "report.json", lambda tmp: tmp.write_text(text))
+        return report
 
 
 def latency(model: Path, singles: dict[str, Path], *, repeat: int = 20, threads: int | None = None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ..backends.names import check_task_name
 from ..errors import (
     AutomtlError,
     FileFormatError,
@@ -230,6 +231,10 @@ def _validate_tasks(tasks: Any) -> None:
         if not isinstance(name, str) or not name:
             raise AutomtlError(f"config: task name {brief(name)} under 'tasks' must be a non-empty string")
         key_of = f"tasks.{one_line(name, 40)}"
+        try:
+            check_task_name(name)
+        except AutomtlError as e:
+            raise AutomtlError(f"config: '{key_of}': {e}") from None
         if spec is None:
             tasks[name] = spec = {}
         if not isinstance(spec, dict):

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,25 +109,164 @@ def make_task_types(cfg: dict[str, Any], dataset: Any) -> dict[str, Any]:
     return types
 
 
-def prepare_run_dir(out: Path, cfg: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
-    """Decide what to do with ``out``; returns True when an earlier run of the same config is resumed.
+MARKER = ".automtl-run.json"
+MARKER_FORMAT = "automtl-run"
+#: What a run directory holds, recorded in its marker: a directory is only resumed by a run of its kind.
+KINDS = {"train": "a training run (automtl train)",
+         "baseline-single-task": "single-task references (automtl train --baseline single-task)",
+         "baseline-all-share": "an all-share reference (automtl train --baseline all-share)",
+         "reference": "the reference of one task", "run": "a pipeline run (automtl run)"}
 
-    A run directory is only reused by the same config (then the run resumes) or when ``overwrite`` is
-    given; anything else is an error, so no run is ever overwritten by accident.
-    """
+
+def read_marker(out: Path) -> dict[str, Any] | None:
+    """The marker of the run directory ``out`` (None when there is none or it is not ours)."""
+    try:
+        doc = json.loads((out / MARKER).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == MARKER_FORMAT else None
+
+
+def write_marker(out: Path, kind: str) -> None:
+    """Mark ``out`` as a run directory of ``kind`` (kept when it already carries a marker)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if read_marker(out) is None:
+        doc = {"format": MARKER_FORMAT, "version": 1, "kind": kind,
+               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        text = json.dumps(doc, indent=1)
+        atomic_write(out / MARKER, lambda tmp: tmp.write_text(text))
+
+
+def is_run_dir(out: Path, cfg: dict[str, Any] | None = None) -> bool:
+    """Whether ``out`` is an automtl run directory: it carries the marker, or it was written before markers
+    existed (``config.yaml`` with ``checkpoints/last.json`` in it or in a per-task folder of a single-task
+    reference), or its ``config.yaml`` is that of ``cfg`` (a run killed before its first checkpoint)."""
+    if read_marker(out) is not None:
+        return True
     saved = out / "config.yaml"
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    if not saved.is_file():
+        return False
+    if (out / "checkpoints" / "last.json").is_file() or any(out.glob("*/checkpoints/last.json")):
+        return True
+    return cfg is not None and _same_config(saved, cfg)
+
+
+def _same_config(saved: Path, cfg: dict[str, Any]) -> bool:
+    try:
+        return yaml.safe_load(saved.read_text()) == yaml.safe_load(dump_config(cfg))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+
+
+def _decide(out: Path, cfg: dict[str, Any], *, resume: bool, overwrite: bool, kind: str) -> str:
+    """``new``, ``resume`` or ``replace`` for ``out``; an AutomtlError when none of them is safe."""
+    if resume and overwrite:
+        raise AutomtlError("--resume and --overwrite contradict each other; pass one of them")
+    if out.exists() and not out.is_dir():
+        raise AutomtlError(f"{out} exists and is not a directory; choose another --out")
     if not out.exists() or not any(out.iterdir()):
         if resume:
             raise AutomtlError(f"{out}: nothing to resume (no run there); drop --resume to start a new run")
-        return False
-    if not saved.exists():
-        raise AutomtlError(f"{out} exists and is not a run directory; choose another --out or pass --overwrite")
-    if yaml.safe_load(saved.read_text()) != yaml.safe_load(dump_config(cfg)):
-        raise AutomtlError(f"{out} holds a run with a different config; pass --overwrite to replace it, or choose "
-                           "another --out")
-    return True
+        return "new"
+    if not is_run_dir(out, cfg):
+        raise AutomtlError(f"{out} exists and is not a run directory (it has no {MARKER}); choose another --out")
+    if overwrite:
+        here = Path.cwd().resolve()
+        if out.resolve() == here or out.resolve() in here.parents:
+            raise AutomtlError(f"{out}: cannot replace the directory automtl runs in; run it from elsewhere or "
+                               "choose another --out")
+        return "replace"
+    marker = read_marker(out) or {}
+    found = marker.get("kind") if isinstance(marker.get("kind"), str) else None
+    same_kind = found in (None, kind)
+    if same_kind and marker and not (out / "config.yaml").exists():
+        return "resume"  # marked, then stopped before its config was written: nothing to keep
+    if not same_kind or not _same_config(out / "config.yaml", cfg):
+        what = (f"{KINDS.get(found, repr(found))}, not {KINDS.get(kind, kind)}"
+                if not same_kind else "a run with a different config")
+        raise AutomtlError(f"{out} holds {what}; pass --overwrite to replace it, or choose another --out")
+    return "resume"
+
+
+def prepare_run_dir(out: Path, cfg: dict[str, Any], *, resume: bool, overwrite: bool, kind: str = "train") -> bool:
+    """Decide what to do with ``out`` without changing anything; True when an earlier run of the same
+    config is resumed.
+
+    A directory is reused only by the same config and kind of run (then the run resumes) or, with
+    ``overwrite``, replaced when it is an automtl run (see :func:`is_run_dir`). Any other non-empty
+    directory is refused whatever the options: it may hold the user's own files.
+    """
+    return _decide(out, cfg, resume=resume, overwrite=overwrite, kind=kind) == "resume"
+
+
+class RunDir:
+    """A run directory in use; with ``--overwrite`` the run it replaces waits aside until :meth:`commit`."""
+
+    def __init__(self, out: Path, resumed: bool, replaced: Path | None) -> None:
+        self.out, self.resumed, self.replaced = out, resumed, replaced
+
+    def commit(self) -> None:
+        """The new run has a checkpoint: delete the run it replaces (called after every checkpoint)."""
+        if self.replaced is not None:
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            self.replaced = None
+
+
+def _aside_name(out: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = out.parent / f".{out.name}.replaced-{stamp}"
+    n = 1
+    while target.exists():
+        target = out.parent / f".{out.name}.replaced-{stamp}-{n}"
+        n += 1
+    return target
+
+
+def _left_aside(out: Path) -> list[Path]:
+    """Runs that were being replaced by ``out`` when automtl was killed (before the new run's first checkpoint)."""
+    prefix = f".{out.name}.replaced-"
+    parent = out.absolute().parent
+    return sorted(p for p in parent.iterdir() if p.name.startswith(prefix)) if parent.is_dir() else []
+
+
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def run_directory(out: Path, cfg: dict[str, Any], *, resume: bool, overwrite: bool, kind: str) -> Iterator[RunDir]:
+    """Open ``out`` for a run of ``cfg`` (call it once the config is validated and the datasets built).
+
+    The marker is written before anything else. A run replaced by ``overwrite`` is moved to a hidden
+    sibling ``.<name>.replaced-<time>``; it is deleted at the new run's first checkpoint (``commit``) or
+    when the new run ends, and put back, with a note on stderr, when the new run fails before that.
+    """
+    out = Path(out)
+    decision = _decide(out, cfg, resume=resume, overwrite=overwrite, kind=kind)
+    for left in _left_aside(out):
+        _warn(f"note: {left} holds a run that was being replaced by {out} when automtl was stopped; move it back "
+              "or delete it")
+    replaced = None
+    if decision == "replace":
+        replaced = _aside_name(out.absolute())
+        os.replace(out, replaced)
+    handle = RunDir(out, decision == "resume", replaced)
+    try:
+        write_marker(out, kind)
+        yield handle
+    except BaseException:
+        if handle.replaced is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                os.replace(handle.replaced, out)
+            except OSError as e:
+                _warn(f"note: the new run stopped before its first checkpoint; the run it was replacing is in "
+                      f"{handle.replaced} (it could not be moved back: {e.strerror or e})")
+            else:
+                _warn(f"note: the new run stopped before its first checkpoint; the run it was replacing is back in "
+                      f"{out}")
+        raise
+    handle.commit()
 
 
 BASELINES = ("single-task", "all-share")
@@ -143,14 +287,19 @@ def train(config: str | Path | None, overrides: list[str], out: str | Path, *, r
     out = Path(out)
     datasets = make_datasets(cfg)
     resolve_input_size(cfg, datasets)
-    prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
-    types = make_task_types(cfg, datasets["train"])
-    if baseline is None:
-        return Trainer(cfg, out, datasets=datasets, task_types=types, progress=progress).run()
-    if baseline == "all-share":
-        return Trainer(reference_budget(cfg), out, datasets=datasets, task_types=types, progress=progress,
-                       baseline=True).run()
-    return train_single_task_references(cfg, out, datasets=datasets, task_types=types, progress=progress)
+    kind = "train" if baseline is None else f"baseline-{baseline}"
+    with run_directory(out, cfg, resume=resume, overwrite=overwrite, kind=kind) as run_dir:
+        types = make_task_types(cfg, datasets["train"])
+        if baseline == "single-task":
+            return train_single_task_references(cfg, out, datasets=datasets, task_types=types, progress=progress,
+                                                on_checkpoint=run_dir.commit)
+        if baseline == "all-share":
+            trainer = Trainer(reference_budget(cfg), out, datasets=datasets, task_types=types, progress=progress,
+                              baseline=True)
+        else:
+            trainer = Trainer(cfg, out, datasets=datasets, task_types=types, progress=progress)
+        trainer.on_checkpoint = run_dir.commit
+        return trainer.run()
 
 
 def reference_budget(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -162,19 +311,26 @@ def reference_budget(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_single_task_references(cfg: dict[str, Any], out: Path, *, datasets: dict[str, Any],
-                                 task_types: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+                                 task_types: dict[str, Any], progress: bool = True,
+                                 on_checkpoint: Callable[[], None] | None = None) -> dict[str, Any]:
     """One backbone + head per task (in ``out/<task>``), each with the multi-task run's step budget; the
-    merged ``out/report.json`` is what ``baselines:`` reads. A killed run resumes task by task."""
+    merged ``out/report.json`` is what ``baselines:`` reads. A killed run resumes task by task.
+
+    ``out`` and every ``out/<task>`` carry a run marker; ``on_checkpoint`` is called after each checkpoint
+    (what replaces an earlier run with ``--overwrite`` waits for)."""
     budget = reference_budget(cfg)
     budget["scheduler"] = {"name": "sum"}  # one task: nothing to schedule
-    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "baseline-single-task")
     (out / "config.yaml").write_text(dump_config(cfg))
     reports = {}
     for task in cfg["tasks"]:
         one = copy.deepcopy(budget)
         one["tasks"] = {task: cfg["tasks"][task]}
-        reports[task] = Trainer(one, out / task, datasets=datasets, task_types={task: task_types[task]},
-                                progress=progress, baseline=True).run()
+        write_marker(out / task, "reference")
+        trainer = Trainer(one, out / task, datasets=datasets, task_types={task: task_types[task]},
+                          progress=progress, baseline=True)
+        trainer.on_checkpoint = on_checkpoint
+        reports[task] = trainer.run()
     merged = {"tasks": {t: r["tasks"][t] for t, r in reports.items()},
               "parameters": {"single_task_total": sum(r["parameters"]["compact"] for r in reports.values())}}
     text = json.dumps(merged, indent=1)

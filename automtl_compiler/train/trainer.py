@@ -290,14 +290,19 @@ class Trainer:
     STAGE_OPTIMIZERS = {"pretrain": ("pretrain",), "policy": ("network", "policy"), "sample": (),
                         "posttrain": ("posttrain",)}
 
+    #: Called after every checkpoint: a run that replaces an earlier one (``--overwrite``) deletes it then.
+    on_checkpoint: Callable[[], None] | None = None
+
     def checkpoint(self) -> None:
         """Save the model, the current stage's optimisers (earlier stages' moments are never used again)
-        and the gradient scheduler's state and optimisers."""
+        and the gradient scheduler's state and optimisers; the checkpoint before it is kept as a fallback."""
         live = {k: self.opts[k] for k in self.STAGE_OPTIMIZERS[self.state["stage"]]}
         live.update(self._scheduler_optimizers())
         scheds = self.scheds if self.state["stage"] == "posttrain" else {}
         save_checkpoint(self.out / "checkpoints", self.model, live, scheds, self.state,
                         modules={"scheduler": self.scheduler})
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()
         if self.board is not None:
             self.board.flush()
 
