@@ -60,6 +60,11 @@ def _is_scalar(a: np.ndarray | None, value: float) -> bool:
     return a is not None and a.size == 1 and abs(float(a.reshape(-1)[0]) - value) <= _TOL * max(1.0, abs(value))
 
 
+def _is_real(value: Any) -> bool:
+    """Whether an attribute value is a plain number (not a tensor, list, string or bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _initialiser(init: Any) -> np.ndarray:
     """An initialiser as an array; raw float32 data is viewed, not copied (``_tensor`` makes the one copy)."""
     import onnx
@@ -364,8 +369,9 @@ class _Converter:
                 op = "silu"
             elif gnode.op_type == "HardSigmoid":
                 at = self.attrs(gnode)
-                if abs(at.get("alpha", 0.2) - 1 / 6) > _TOL or abs(at.get("beta", 0.5) - 0.5) > _TOL:
-                    continue
+                alpha, beta = at.get("alpha", 0.2), at.get("beta", 0.5)
+                if not (_is_real(alpha) and _is_real(beta)) or abs(alpha - 1 / 6) > _TOL or abs(beta - 0.5) > _TOL:
+                    continue  # not the pattern (a malformed attribute is reported when the node is converted)
                 op = "hardswish"
             else:
                 continue

@@ -176,6 +176,7 @@ class Graph:
         new_params = 0
         for node in self.topological_order():
             opdef = get_op(node.op, node.where)
+            opdef.check_arity(len(node.inputs), node.where)
             ins = [self.node(i).shape for i in node.inputs]
             try:
                 shape = tuple(opdef.shape(node.attrs, ins))  # type: ignore[arg-type]

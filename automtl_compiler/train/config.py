@@ -183,9 +183,15 @@ def _number(value: Any, path: str, bound: Bound, whole: bool) -> Any:
     return value
 
 
+#: Keys with a value by default that may still be set to null (``output_stride: null`` keeps the backbone's strides).
+NULLABLE = ("output_stride",)
+
+
 def _check_type(value: Any, default: Any, path: str) -> Any:
-    if default is None or value is None:
+    if default is None or (value is None and path in NULLABLE):
         return value
+    if value is None:
+        raise AutomtlError(f"config: '{path}' must not be null; leave the key out to use its default ({brief(default)})")
     bound = RANGES.get(path)
     if isinstance(default, bool):
         if not isinstance(value, bool):
