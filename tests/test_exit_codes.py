@@ -1,5 +1,6 @@
 """Every error a user can cause ends the CLI with exit 2 and one line on stderr; ``internal error`` (exit 1)
-is left for bugs. Each case runs the real CLI in a subprocess.
+is left for bugs. Each case runs the CLI's entry point
+(in this process; the cases that could end the process in a new one).
 
 ``--debug`` may be written anywhere on the command line; it prints the traceback before the same one line and
 does not change the exit status (2 for user errors, 1 for internal errors).
@@ -28,10 +29,32 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["tests.helpers:Tiny", "--input-shape", "1,3,16,16"]
 
 
-def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+def run_fresh(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """The CLI in a new process: for cases that could end the process itself (``os:abort``)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "automtl_compiler.cli.main", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300, check=False)
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """The CLI's own entry point in this process (the same code path as the ``automtl`` command, without
+    the interpreter start-up): exit status, stdout and stderr as a subprocess would report them."""
+    import contextlib
+    import io
+
+    from automtl_compiler.cli.main import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main.main(list(args), prog_name="automtl")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess(["automtl", *args], code, out.getvalue(), err.getvalue())
 
 
 def user_error(res: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -200,7 +223,7 @@ def test_config_boundaries_are_accepted() -> None:
 def test_config_backbone_os_abort_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "abort.yaml"
     config.write_text("backbone: os:abort\ninput_size: [16, 16]\n")
-    res = run("train", str(config), "--out", str(tmp_path / "run"), "--quiet")
+    res = run_fresh("train", str(config), "--out", str(tmp_path / "run"), "--quiet")
     assert res.returncode >= 0, "the process was killed"
     user_error(res, "os:abort")
 
@@ -221,7 +244,7 @@ def exits() -> None:
 
 
 def test_inspect_os_abort_is_one_line() -> None:
-    res = run("inspect", "os:abort")
+    res = run_fresh("inspect", "os:abort")
     assert res.returncode >= 0
     user_error(res, "os:abort")
 
