@@ -285,3 +285,32 @@ def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     if not out or any(not math.isfinite(s) or s < 1.0 for s in out):
         raise AutomtlError(f"scales must be a non-empty list of numbers >= 1, got {list(scales)}")
     return out
+
+
+def read_index_rows(path: Path, keys: Sequence[str], columns: Sequence[str], split: str,
+                    layout: str) -> list[tuple[str, ...]]:
+    """The rows of a JSON sample index (AdaShare/AutoMTL's ``{split: [[path, ...], ...]}``): the first of
+    ``keys`` the file has, each row's first ``len(columns)`` path strings. A missing or malformed file, no
+    entry for the split, or rows of the wrong shape are a FileFormatError naming the file."""
+    import json
+
+    from ..limits import loads_json
+
+    if not path.is_file():
+        raise FileFormatError(f"{path}: index file not found; expected {layout}")
+    try:
+        info = loads_json(path.read_text(), str(path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FileFormatError(f"{path}: not valid JSON ({exc}); expected {layout}") from None
+    key = next((k for k in keys if isinstance(info, dict) and k in info), None)
+    if key is None:
+        found = ", ".join(map(repr, info)) if isinstance(info, dict) else f"a {type(info).__name__}"
+        raise FileFormatError(f"{path}: no entry {keys[0]!r} for split {split!r} (found {found or 'none'}); "
+                              f"expected {layout}")
+    rows, n = info[key], len(columns)
+    if not isinstance(rows, list) or not all(
+            isinstance(r, list) and len(r) >= n and all(isinstance(x, str) for x in r[:n]) for r in rows):
+        raise FileFormatError(f"{path}: entry {key!r} must be a list of rows [{', '.join(columns)}, ...] of path "
+                              f"strings; expected {layout}")
+    return [tuple(r[:n]) for r in rows]
+

@@ -8,7 +8,6 @@ return samples in this package's format; each class docstring lists where they d
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +26,7 @@ from ._common import (
     integer_labels,
     load_npy,
     read_image,
+    read_index_rows,
     require_dir,
     sample_rng,
     scale_pad_crop,
@@ -121,26 +121,11 @@ class _AdaShareIndexed(Dataset):
 
     # --- index ---
     def _read_index(self, path: Path) -> list[tuple[str, ...]]:
-        if not path.is_file():
-            raise FileFormatError(f"{path}: index file not found; expected {self.layout}")
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FileFormatError(f"{path}: not valid JSON ({exc}); expected {self.layout}") from None
         key = SPLIT_KEYS[self.split]
-        if not isinstance(info, dict) or key not in info:
-            found = ", ".join(map(repr, info)) if isinstance(info, dict) else f"a {type(info).__name__}"
-            raise FileFormatError(f"{path}: no entry {key!r} for split {self.split!r} (found {found or 'none'}); "
-                                  f"expected {self.layout}")
-        rows = info[key]
-        n = len(self.row_columns)
-        if not isinstance(rows, list) or not all(
-                isinstance(r, list) and len(r) >= n and all(isinstance(x, str) for x in r[:n]) for r in rows):
-            raise FileFormatError(f"{path}: entry {key!r} must be a list of rows [{', '.join(self.row_columns)}] "
-                                  f"of path strings; expected {self.layout}")
+        rows = read_index_rows(path, [key], self.row_columns, self.split, self.layout)
         if not rows:
             raise FileFormatError(f"{path}: entry {key!r} lists no samples; expected {self.layout}")
-        return [tuple(r[:n]) for r in rows]
+        return rows
 
     def _columns(self) -> list[int]:
         """The row columns this reader opens for its tasks (the image first)."""

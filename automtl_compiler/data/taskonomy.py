@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from ._common import (
     hflip,
     load_npy,
     load_png,
+    read_index_rows,
     require_dir,
     sample_rng,
     scale_pad_crop,
@@ -112,23 +112,8 @@ class Taskonomy(SharedEpoch, Dataset):
 
     # --- index ---
     def _rows_from_json(self, path: Path) -> list[tuple[str, ...]]:
-        if not path.is_file():
-            raise FileFormatError(f"{path}: index file not found; expected {LAYOUT}")
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FileFormatError(f"{path}: not valid JSON ({exc}); expected {LAYOUT}") from None
         keys = [self.split] + (["test"] if self.split == "val" else [])
-        key = next((k for k in keys if isinstance(info, dict) and k in info), None)
-        if key is None:
-            found = ", ".join(map(repr, info)) if isinstance(info, dict) else type(info).__name__
-            raise FileFormatError(f"{path}: no entry for split {self.split!r} (found {found}); expected {LAYOUT}")
-        rows = info[key]
-        if not isinstance(rows, list) or not all(
-                isinstance(r, list) and len(r) >= 4 and all(isinstance(x, str) for x in r[:4]) for r in rows):
-            raise FileFormatError(f"{path}: split {key!r} must be a list of rows [rgb, segment_semantic, normal, "
-                                  f"depth_zbuffer, ...] of path strings; expected {LAYOUT}")
-        return [tuple(r[:4]) for r in rows]
+        return read_index_rows(path, keys, ("rgb", *TASKONOMY_TASKS), self.split, LAYOUT)
 
     def _rows_from_scan(self) -> list[tuple[str, ...]]:
         base = next((d for d in self.split_dirs if d.is_dir()), None)
