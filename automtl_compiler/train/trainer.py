@@ -235,9 +235,11 @@ class Trainer:
                                      self.device.type == "cuda")
         return self._eval
 
-    def batches(self, split: str, stage: str, seed_offset: int = 0) -> Batches:
-        """The deterministic training batches of ``split`` for ``stage`` (loaded by the config's workers)."""
-        return Batches(self.datasets[split], self.cfg["batch_size"], self.cfg["seed"] + seed_offset, stage,
+    def batches(self, split: str | Any, stage: str, seed_offset: int = 0) -> Batches:
+        """The deterministic training batches of ``split`` (a split's name, or a dataset) for ``stage``,
+        loaded by the config's workers."""
+        dataset = self.datasets[split] if isinstance(split, str) else split
+        return Batches(dataset, self.cfg["batch_size"], self.cfg["seed"] + seed_offset, stage,
                        workers=self.cfg["dataset"]["workers"], pin_memory=self.device.type == "cuda")
 
     def log_metrics(self, stage: str, step: int, metrics: dict[str, dict[str, float]]) -> None:
@@ -406,8 +408,7 @@ class Trainer:
         train = self.datasets["train"]
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg["seed"]))
         keep = max(1, round(fraction * len(train)))
-        labelled = Batches(Subset(train, order[:keep].tolist()), self.cfg["batch_size"], self.cfg["seed"] + 2, stage,
-                           workers=self.cfg["dataset"]["workers"], pin_memory=self.device.type == "cuda")
+        labelled = self.batches(Subset(train, order[:keep].tolist()), stage, seed_offset=2)
         labelled.tasks = (target,)  # type: ignore[attr-defined]
         return labelled
 
