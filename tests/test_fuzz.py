@@ -445,11 +445,18 @@ def input_shapes(data: st.DataObject) -> tuple[int, ...] | None:
     return tuple(data.draw(st.lists(st.sampled_from([1, 3, 8, 0, -1, 2**20, 32769, 10**12]), max_size=5)))
 
 
-def load_prototxt_text(text: str, directory: Path, input_shape: tuple[int, ...] | None = None) -> None:
-    """Write ``text`` as a .prototxt in ``directory`` and load it."""
-    path = directory / "net.prototxt"
-    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+def load_source(content: str | bytes, directory: Path, name: str, input_shape: tuple[int, ...] | None = None) -> None:
+    """Write ``content`` as ``directory / name`` (a .prototxt text or .onnx bytes) and load it as a backbone."""
+    path = directory / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8", errors="surrogatepass")
     load_backbone(path, input_shape=input_shape)
+
+
+def load_prototxt_text(text: str, directory: Path, input_shape: tuple[int, ...] | None = None) -> None:
+    load_source(text, directory, "net.prototxt", input_shape)
 
 
 def test_prototxt_fixtures_load() -> None:
@@ -644,10 +651,7 @@ def mutate_onnx(data: st.DataObject, raw: bytes) -> bytes:
 
 
 def load_onnx_bytes(raw: bytes, directory: Path, input_shape: tuple[int, ...] | None = None) -> None:
-    """Write ``raw`` as an .onnx file in ``directory`` and load it."""
-    path = directory / "model.onnx"
-    path.write_bytes(raw)
-    load_backbone(path, input_shape=input_shape)
+    load_source(raw, directory, "model.onnx", input_shape)
 
 
 def test_onnx_bases_load() -> None:
