@@ -299,20 +299,29 @@ def test_onnx_export_of_compact_model_with_custom_heads(tmp_path):
 
 # --------------------------------------------------------------------------------------------- the trust rule
 
-def test_model_files_import_no_code_without_consent(tmp_path, monkeypatch):
-    name = "automtl_marker_head_api"
+def saved_marked_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
+                        **options: float) -> tuple[Path, Path, SuperModel]:
+    """A SuperModel (``sm``) and its compact model (``cm``) saved with a head from the marker module
+    ``name`` (in ``tmp_path / "mods"``, on sys.path), then the module forgotten and its marker deleted."""
     mods = tmp_path / "mods"
     mods.mkdir()
     marker = marker_module(mods, name)
     monkeypatch.syspath_prepend(str(mods))
     try:
-        heads = {"a": create_head(f"{name}:MarkedHead", 8, 2, scale=2.0), "b": create_head("cls", 8, 3)}
-        sm = tiny_supermodel(heads)
+        sm = tiny_supermodel({"a": create_head(f"{name}:MarkedHead", 8, 2, **options), "b": create_head("cls", 8, 3)})
         sm.save(tmp_path / "sm")
         prune(sm, mixed_policy(sm)).save(tmp_path / "cm")
+    finally:
+        sys.modules.pop(name, None)
+    marker.unlink()
+    return mods, marker, sm
+
+
+def test_model_files_import_no_code_without_consent(tmp_path, monkeypatch):
+    name = "automtl_marker_head_api"
+    _, marker, sm = saved_marked_models(tmp_path, monkeypatch, name, scale=2.0)
+    try:
         for load, where in ((SuperModel.load, "sm"), (CompactModel.load, "cm")):
-            marker.unlink()
-            sys.modules.pop(name)
             with pytest.raises(UntrustedCodeError) as err:
                 load(tmp_path / where)
             one_line(err, f"task 'a' has head {name}:MarkedHead, which is code", "--trust-code")
@@ -321,23 +330,15 @@ def test_model_files_import_no_code_without_consent(tmp_path, monkeypatch):
             assert marker.exists()
             if where == "sm":
                 assert_same_outputs(sm, again, mode="hard")
+            marker.unlink()
+            sys.modules.pop(name)
     finally:
         sys.modules.pop(name, None)
 
 
 def test_cli_commands_take_trust_code(tmp_path, monkeypatch):
     name = "automtl_marker_head_cli"
-    mods = tmp_path / "mods"
-    mods.mkdir()
-    marker = marker_module(mods, name)
-    monkeypatch.syspath_prepend(str(mods))
-    try:
-        sm = tiny_supermodel({"a": create_head(f"{name}:MarkedHead", 8, 2), "b": create_head("cls", 8, 3)})
-        sm.save(tmp_path / "sm")
-        prune(sm, mixed_policy(sm)).save(tmp_path / "cm")
-    finally:
-        sys.modules.pop(name, None)
-    marker.unlink()
+    mods, marker, _ = saved_marked_models(tmp_path, monkeypatch, name)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(mods), str(REPO), os.environ.get("PYTHONPATH", "")])}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
