@@ -176,7 +176,7 @@ def _prefix(unexpected: list[str], missing: list[str]) -> str | None:
 
 
 def _report(path: Path, target: str, missing: list[str], unexpected: list[str], misshaped: list[str],
-            twice: list[str], strict: bool) -> None:
+            twice: list[str], strict: bool, hint: str | None = None) -> None:
     """Raise one WeightsMismatchError describing every problem found, or nothing when there is none.
 
     Unexpected tensors are a problem only when ``strict``; they still help explain missing ones.
@@ -195,16 +195,22 @@ def _report(path: Path, target: str, missing: list[str], unexpected: list[str], 
         parts.append(_listing("mis-shaped", misshaped))
     if twice:
         parts.append(_listing("given twice", twice))
+    hints = [hint] if hint else _hints(prefix, unexpected, missing or misshaped)
+    raise WeightsMismatchError(f"{path}: weights do not match {target}: " + "; ".join(parts) + " (" +
+                               "; ".join(hints) + ")")
+
+
+def _hints(prefix: str | None, unexpected: list[str], mismatched: list[str]) -> list[str]:
+    """What to do about a weights file that does not fit a network built from another source."""
     hints = []
     if prefix:
         hints.append(f"the keys the network does not use all start with '{prefix}': the file holds a larger "
                      "model; save the backbone's own state_dict, or strip that prefix from the keys")
     elif unexpected:
         hints.append("strict=False (CLI: --weights-non-strict) ignores tensors the network does not use")
-    if missing or misshaped:
+    if mismatched:
         hints.append("check that the file was saved from this architecture")
-    raise WeightsMismatchError(f"{path}: weights do not match {target}: " + "; ".join(parts) + " (" +
-                               "; ".join(hints) + ")")
+    return hints
 
 
 def value_problem(tensor: torch.Tensor, target: torch.dtype = torch.float32) -> str | None:
@@ -247,14 +253,25 @@ def load_into_module(module: nn.Module, path: str | Path, *, strict: bool = True
     copied, so a failure leaves ``module`` as it was.
     """
     p = require_file(path, "weights file")
-    given = read_state_dict(p)
+    copy_into_module(module, read_state_dict(p), p, strict=strict)
+
+
+def copy_into_module(module: nn.Module, given: Mapping[str, torch.Tensor], path: Path, *, strict: bool = True,
+                     counters_optional: bool = True, hint: str | None = None) -> None:
+    """Copy ``given`` (keyed by ``module``'s state-dict names, read from ``path``) into ``module`` in place.
+
+    Missing, unexpected (when ``strict``) and mis-shaped tensors and values that do not fit their target
+    are reported together, naming ``path``, before anything is copied. ``counters_optional`` lets a file
+    leave out batch-norm ``num_batches_tracked`` counters (files from other tools often do); ``hint``
+    replaces the advice for pretrained-weights files in the error.
+    """
     have = module.state_dict(keep_vars=True)
-    missing = sorted(k for k in have if k not in given and not _optional(k))
+    missing = sorted(k for k in have if k not in given and not (counters_optional and _optional(k)))
     unexpected = sorted(k for k in given if k not in have)
     misshaped = sorted(f"{k} {_shape_text(v, have[k].shape)}" for k, v in given.items()
                        if k in have and tuple(v.shape) != tuple(have[k].shape))
-    _report(p, f"{type(module).__name__}", missing, unexpected, misshaped, [], strict)
-    check_values(p, ((k, v, have[k].dtype) for k, v in given.items() if k in have))
+    _report(path, f"{type(module).__name__}", missing, unexpected, misshaped, [], strict, hint)
+    check_values(path, ((k, v, have[k].dtype) for k, v in given.items() if k in have))
     with torch.no_grad():
         for key, value in given.items():
             if key in have:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import limits
 from ..errors import AutomtlError, FileFormatError, brief, one_line, require_file
-from ..frontends.weights import check_values
+from ..frontends.weights import copy_into_module
 from ..ir.serialize import atomic_write, load_graph, load_safetensors, save_graph
 from ..passes.multitask import insert_task_branches
 from .heads import build_heads, head_spec
@@ -93,18 +93,8 @@ def load_state(module: nn.Module, path: Path) -> None:
     """Load a safetensors state dict into ``module``; a corrupt or mismatched file (missing, unexpected or
     mis-shaped tensors, a dtype that does not fit, NaN or infinity) is a FileFormatError naming it."""
     wpath = require_file(path, path.name)
-    state = load_safetensors(wpath)
-    have = module.state_dict()
-    missing = [k for k in have if k not in state]
-    unexpected = [k for k in state if k not in have]
-    misshaped = [f"{k} {list(v.shape)} (needs {list(have[k].shape)})" for k, v in state.items()
-                 if k in have and v.shape != have[k].shape]
-    if missing or unexpected or misshaped:
-        raise FileFormatError(f"{wpath}: weights do not match the model (missing {brief(missing)}, unexpected "
-                              f"{brief(unexpected)}, mis-shaped {brief(misshaped)}); write the model again with "
-                              "automtl")
-    check_values(wpath, ((k, v, have[k].dtype) for k, v in state.items()))
-    module.load_state_dict(state, strict=True)
+    copy_into_module(module, load_safetensors(wpath), wpath, counters_optional=False,
+                     hint="the file does not belong to this model description; write the model again with automtl")
 
 
 def load_supermodel(directory: str | Path, heads: dict[str, nn.Module] | None = None,
