@@ -11,7 +11,7 @@ the run directory under the name the single-stage commands use, so each step can
     RUN_DIR/policy.json      the sampled policy
     RUN_DIR/compact/         the pruned model (``automtl prune``)
     RUN_DIR/model.onnx       every task in one graph (``automtl export``); tasks/<task>.onnx one each
-    RUN_DIR/report.json      metrics, Δm, parameters, policy, latency; RUN_DIR/policy.png the heatmap
+    RUN_DIR/report.json      metrics, Δm, parameters, policy, latency; RUN_DIR/policy.png the policy per task and unit
 """
 
 from __future__ import annotations
@@ -173,6 +173,10 @@ def summary(report: dict[str, Any]) -> str:
     if p.get("single_task_params"):
         lines.append(f"parameters: compact model {p['compact']:,} vs {len(report['tasks'])} single-task models "
                      f"{p['single_task_params']:,} ({p['compact'] / p['single_task_params']:.2f}x)")
+    macs = report.get("macs")
+    if macs:
+        lines.append(f"multiply-accumulates: all tasks in one call {macs['all_tasks'] / 1e6:,.1f} M = {macs['ratio']:.2f}x "
+                     f"the tasks one by one ({macs['one_by_one'] / 1e6:,.1f} M; smaller is better)")
     lines.append("policy (units shared / specific / skipped): " + "; ".join(
         f"{t} {c['share']}/{c['specific']}/{c['skip']}" for t, c in report["policy"].items()))
     seen = report.get("evaluated") or {}
@@ -181,8 +185,9 @@ def summary(report: dict[str, Any]) -> str:
                      + (" (the whole split)" if seen["whole_split"] else " (capped by eval_batches)"))
     o = report.get("onnx")
     if o:
-        lines.append(f"onnxruntime latency ({o['provider']}, batch 1): all tasks in one call {o['all_tasks_ms']:.2f} ms, "
-                     f"tasks one by one {o['one_by_one_ms']:.2f} ms ({o['one_by_one_ms'] / o['all_tasks_ms']:.2f}x)")
+        lines.append(f"onnxruntime latency ({o['provider']}, batch 1): all tasks in one call {o['all_tasks_ms']:.2f} ms = "
+                     f"{o['all_tasks_ms'] / o['one_by_one_ms']:.2f}x the tasks one by one ({o['one_by_one_ms']:.2f} ms; "
+                     "smaller is better)")
     for name, path in (report.get("files") or {}).items():
         if name in ("model.onnx", "report.json", "policy.png"):
             lines.append(f"{name}: {path}")

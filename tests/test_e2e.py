@@ -44,7 +44,7 @@ def test_quick_run_writes_what_it_promised(quick_run) -> None:
     lines = result.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines[-3:]] == ["model.onnx", "report.json", "policy.png"]
     assert any(line.startswith("Δm vs single-task references") for line in lines)
-    assert any(line.startswith("onnxruntime latency") for line in lines)
+    assert any(line.startswith("onnxruntime latency") and line.endswith("smaller is better)") for line in lines)
     assert "[pretrain]" in result.stderr and "[posttrain]" in result.stderr  # progress of every stage
 
 
@@ -59,6 +59,11 @@ def test_report_has_a_metric_for_every_task(quick_run) -> None:
     assert report["delta_m"]["delta_m"] is not None
     assert report["parameters"]["compact"] < report["parameters"]["single_task_params"]
     assert report["onnx"]["all_tasks_ms"] > 0 and set(report["onnx"]["per_task_ms"]) == set(TASKS)
+    units = report["policy_units"]
+    for task in TASKS:
+        chosen = units["tasks"][task]["choice"]
+        assert {b: chosen.count(b) for b in ("share", "specific", "skip")} == report["policy"][task]
+    assert 1 / len(TASKS) <= report["macs"]["ratio"] < 1  # the quick run's policy shares work between tasks
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ _STATE_TYPES: dict[str, tuple[type, ...]] = {
     "stage": (str,), "step": (int,), "done": (bool,), "tau": (int, float), "policy_steps": (int,),
     "policy": (dict, type(None)),
 }
-_OPTIONAL_STATE_TYPES: dict[str, tuple[type, ...]] = {"scheduler_stage": (str, type(None))}
+_OPTIONAL_STATE_TYPES: dict[str, tuple[type, ...]] = {"scheduler_stage": (str, type(None)), "candidates": (list,)}
 
 
 class CheckpointError(FileFormatError):

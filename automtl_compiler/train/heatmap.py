@@ -1,41 +1,74 @@
-"""policy.png: a tasks x units picture of the policy distribution, as AutoMTL's paper draws it.
+"""policy.png and the report's policy data: per task, P(share / specific / skip) at every unit and the choice.
 
-Each cell mixes three colours by probability: share (blue), specific (red), skip (green).
+One panel per task, one stacked bar per unit (input on the left, feature on the right), the unit's name on
+the axis and the sampled branch outlined in black, drawn with matplotlib's object API (no pyplot state,
+no display needed), so the picture is readable without the report beside it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from PIL import Image, ImageDraw
+from typing import Any
 
 from ..ir.serialize import atomic_write
+from ..passes.multitask import BRANCHES
 
-COLOURS = {"share": (40, 90, 220), "specific": (220, 50, 50), "skip": (40, 170, 70)}
+COLOURS = {"share": "#2f5fd0", "specific": "#d64541", "skip": "#3aa655"}
 
 
-def draw_policy(distribution: dict[str, dict[str, list[float]]], path: str | Path, cell: int = 14) -> Path:
-    """Draw ``distribution`` (task -> unit -> [p_share, p_specific, p_skip]) to a PNG at ``path``."""
+def policy_data(distribution: dict[str, dict[str, list[float]]], choices: dict[str, dict[str, str]] | None,
+                depths: dict[str, int] | None = None) -> dict[str, Any]:
+    """The report's ``policy_units``: unit names (input to feature) and depths, and per task the three
+    probabilities and the chosen branch at every unit (``choices`` None: no policy drawn yet)."""
     tasks = list(distribution)
-    units = list(next(iter(distribution.values()))) if tasks else []
-    left = 8 + 7 * max((len(t) for t in tasks), default=4)
-    width, height = left + cell * max(1, len(units)) + 8, 30 + cell * len(tasks) + 24
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((left, 6), f"policy: {len(units)} units (input -> feature)", fill="black")
-    for row, task in enumerate(tasks):
-        y = 24 + row * cell
-        draw.text((4, y + 1), task, fill="black")
-        for col, unit in enumerate(units):
-            probs = distribution[task][unit]
-            colour = tuple(int(sum(p * c[i] for p, c in zip(probs, COLOURS.values()))) for i in range(3))
-            x = left + col * cell
-            draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=colour)
-    y = 30 + cell * len(tasks)
-    x = left
-    for name, colour in COLOURS.items():
-        draw.rectangle([x, y, x + 10, y + 10], fill=colour)
-        draw.text((x + 14, y), name, fill="black")
-        x += 20 + 7 * len(name)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    units = list(distribution[tasks[0]]) if tasks else []
+    out: dict[str, Any] = {"units": units, "branches": list(BRANCHES), "tasks": {}}
+    if depths is not None:
+        out["depths"] = [depths[u] for u in units]
+    for t in tasks:
+        entry: dict[str, Any] = {b: [round(float(distribution[t][u][i]), 6) for u in units]
+                                 for i, b in enumerate(BRANCHES)}
+        if choices is not None:
+            entry["choice"] = [choices[t][u] for u in units]
+        out["tasks"][t] = entry
+    return out
+
+
+def draw_policy(data: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Draw ``data`` (as made by :func:`policy_data`) to a PNG at ``path``, written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    units, tasks = data["units"], list(data["tasks"])
+    width = max(8.0, 0.42 * len(units) + 2.0)
+    fig = Figure(figsize=(width, 1.0 + 2.3 * max(1, len(tasks))), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(max(1, len(tasks)), 1, sharex=True, squeeze=False)[:, 0]
+    xs = range(len(units))
+    for ax, task in zip(axes, tasks):
+        entry = data["tasks"][task]
+        bottom = [0.0] * len(units)
+        for branch in BRANCHES:
+            ax.bar(xs, entry[branch], bottom=bottom, width=0.8, color=COLOURS[branch], label=branch)
+            if "choice" in entry:
+                for i, chosen in enumerate(entry["choice"]):
+                    if chosen == branch:
+                        ax.add_patch(Rectangle((i - 0.4, bottom[i]), 0.8, entry[branch][i], fill=False,
+                                               edgecolor="black", linewidth=2.0))
+            bottom = [b + p for b, p in zip(bottom, entry[branch])]
+        ax.set_ylim(0, 1)
+        ax.set_xlim(-0.6, len(units) - 0.4)
+        ax.set_ylabel(f"{task}\nP(branch)", fontsize=9)
+        ax.set_yticks([0, 0.5, 1])
+        ax.grid(axis="y", alpha=0.3)
+    labels = [f"{u} ({d})" for u, d in zip(units, data["depths"])] if "depths" in data else units
+    axes[-1].set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=8)
+    axes[-1].set_xlabel("unit (depth): input → feature" if "depths" in data else "unit: input → feature")
+    handles = [Patch(color=COLOURS[b], label=b) for b in BRANCHES]
+    handles.append(Patch(facecolor="white", edgecolor="black", linewidth=2.0, label="sampled choice"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return Path(path)

@@ -505,7 +505,10 @@ class Trainer:
 
     def _stage_sample(self) -> None:
         """Draw the policy. With ``candidates: k > 1`` the candidates are the argmax policy and k - 1 samples
-        (strategy ``sample``), each scored on validation in fixed mode; the best is kept."""
+        (strategy ``sample``), each scored on validation in fixed mode, less ``cost_weight`` times its compute
+        ratio (all tasks in one call against the tasks one by one); the best is kept."""
+        from ..nn.cost import policy_cost
+
         s = self.cfg["stages"]["sample"]
         count = max(1, s["candidates"])
         policies = []
@@ -517,18 +520,44 @@ class Trainer:
                     policy.choices[t][u] = "share"
             if policy not in policies:
                 policies.append(policy)
-        best = policies[0]
-        if len(policies) > 1:
-            scores = self._scores([self.evaluate("fixed", p) for p in policies])
-            best = policies[max(range(len(policies)), key=lambda i: scores[i])]
+        ratios = [policy_cost(self.model, p)["ratio"] for p in policies]
+        accuracy = self._scores([self._score_metrics(p) for p in policies]) if len(policies) > 1 else [0.0]
+        scores = [a - s["cost_weight"] * 100 * r for a, r in zip(accuracy, ratios)]
+        pick = max(range(len(policies)), key=lambda i: scores[i])
+        best = policies[pick]
+        self.state["candidates"] = [{"accuracy": a, "macs_ratio": r, "score": sc, "chosen": i == pick,
+                                     "policy": p.counts()}
+                                    for i, (a, r, sc, p) in enumerate(zip(accuracy, ratios, scores, policies))]
         self.model.set_policy(best)
         self.state["policy"] = best.to_json()
         best.save(self.out / "policy.json")
         self.checkpoint()
 
+    def _score_metrics(self, policy: Policy) -> dict[str, dict[str, float]]:
+        """Validation metrics of a candidate policy, its batch-norm statistics first re-estimated on
+        ``calibration_batches`` training batches under that policy (the stage's own batches, so a resumed
+        run scores alike); the model's statistics are restored afterwards."""
+        from ..nn.calibrate import recalibrated_batchnorm
+
+        count = self.cfg["stages"]["sample"]["calibration_batches"]
+        if count == 0:
+            return self.evaluate("fixed", policy)
+        batches = self.batches("train", "sample")
+
+        def feed() -> None:
+            for k in range(count):
+                self.model.forward_all(batches.batch(k)[0].to(self.device), mode="fixed", policy=policy)
+
+        try:
+            with recalibrated_batchnorm(self.model, feed):
+                return self.evaluate("fixed", policy)
+        finally:
+            self._close(batches)
+
     def _scores(self, results: list[dict[str, dict[str, float]]]) -> list[float]:
-        """Scale-free scores of candidates' validation metrics (higher is better): Δm against the baselines
-        when the config names them, else the mean signed relative difference to the candidates' mean."""
+        """Scale-free accuracy scores of candidates' validation metrics in percent (higher is better): Δm
+        against the baselines when the config names them, else the same average of signed relative
+        differences taken against the candidates' mean."""
         if self.cfg["baselines"]:
             found = [self._delta_m(r)["delta_m"] for r in results]
             if None not in found:
@@ -541,7 +570,8 @@ class Trainer:
                 if mean == 0:
                     continue
                 for i, r in enumerate(results):
-                    scores[i] += (r[t][k] - mean) / abs(mean) * (1 if directions.get(k, True) else -1)
+                    change = (r[t][k] - mean) / abs(mean) * (1 if directions.get(k, True) else -1)
+                    scores[i] += 100 * change / len(results[0][t]) / len(self.tasks)
         return scores
 
     def _delta_m(self, metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -581,20 +611,25 @@ class Trainer:
 
     # ------------------------------------------------------------ report
     def report(self) -> dict[str, Any]:
-        """Final metrics, parameters and policy; written to report.json and drawn to policy.png."""
+        """Final metrics, parameters, policy (counts and per-unit probabilities) and compute cost; written to
+        report.json and drawn to policy.png."""
         from ..nn.compact import prune
-        from .heatmap import draw_policy
+        from ..nn.cost import compact_cost
+        from .heatmap import draw_policy, policy_data
 
         policy = self.model.fixed_policy or self.model.sample_policy("argmax")
         metrics = self.evaluate("fixed", policy)
         compact = prune(self.model, policy)
+        units = policy_data(self.model.policy_distribution(), policy.choices,
+                            {u.conv: u.depth for u in self.model.units})
         report = {"tasks": metrics, "directions": {t: self.task_types[t].metric_directions for t in self.tasks},
-                  "policy": policy.counts(),
+                  "policy": policy.counts(), "policy_units": units,
                   "parameters": {"compact": compact.num_parameters(), **compact.reference},
+                  "macs": compact_cost(compact), "candidates": self.state.get("candidates", []),
                   "evaluated": self.evaluated}
         if self.cfg["baselines"]:
             report["delta_m"] = self._delta_m(metrics)
         text = json.dumps(report, indent=1)
         atomic_write(self.out / "report.json", lambda tmp: tmp.write_text(text))
-        draw_policy(self.model.policy_distribution(), self.out / "policy.png")
+        draw_policy(units, self.out / "policy.png", title=f"policy of {self.out.name or self.out}")
         return report
