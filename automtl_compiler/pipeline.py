@@ -27,7 +27,7 @@ from .ir.serialize import atomic_write
 #: What ``--quick`` changes: every stage runs, with fewer and smaller steps.
 QUICK = ["stages.pretrain.iters=10", "stages.policy.iters=20",
          "stages.policy.network_steps=10", "stages.policy.policy_steps=5", "stages.policy.tau_every=5",
-         "stages.sample.candidates=1", "stages.posttrain.iters=20", "batch_size=4", "eval_every=0",
+         "stages.sample.candidates=4", "stages.sample.calibration_batches=2", "stages.posttrain.iters=20", "batch_size=4", "eval_every=0",
          "eval_batches=2", "checkpoint_every=10"]
 #: ... and, for the built-in synthetic scenes only, smaller splits.
 QUICK_SYNTHETIC = ["dataset.options.length=256"]

@@ -120,24 +120,31 @@ def test_policy_picture_draws_each_task_in_its_own_panel(tmp_path):
     assert colour_mask(image, COLOURS["specific"]).any()  # the legend names every branch
 
 
-@pytest.mark.parametrize("weight", [0.0, 1000.0])
-def test_sample_stage_ranks_candidates_by_accuracy_less_cost(tmp_path, weight):
-    """cost_weight 0 keeps the most accurate candidate, a large one the cheapest; the report lists them all."""
+@pytest.mark.parametrize(("weight", "budget"), [(0.0, None), (1000.0, None), (0.0, 0.01)])
+def test_sample_stage_ranks_candidates_by_accuracy_cost_and_budget(tmp_path, weight, budget):
+    """cost_weight 0 keeps the most accurate candidate, a large one the cheapest, and a budget nothing meets
+    the cheapest too; the report lists every candidate with its figures."""
     from tests.test_train import ROOT, TINY
 
     from automtl_compiler.train.run import train
 
     report = train(ROOT / "configs" / "synthetic-quick.yaml",
                    [*TINY, "stages.sample.candidates=5", "stages.sample.calibration_batches=1",
-                    f"stages.sample.cost_weight={weight}", "stages.policy.reg_weight=0"],
+                    f"stages.sample.cost_weight={weight}", "stages.policy.reg_weight=0",
+                    f"stages.sample.max_macs_ratio={'null' if budget is None else budget}"],
                    tmp_path / "run", progress=False)
     candidates = report["candidates"]
-    assert len(candidates) >= 2 and sum(c["chosen"] for c in candidates) == 1
+    assert len({c["macs_ratio"] for c in candidates}) >= 2 and sum(c["chosen"] for c in candidates) == 1
     chosen = next(c for c in candidates if c["chosen"])
     for c in candidates:
-        assert c["score"] == pytest.approx(c["accuracy"] - weight * 100 * c["macs_ratio"])
-    key = "accuracy" if weight == 0 else "macs_ratio"
-    best = (max if weight == 0 else min)(c[key] for c in candidates)
-    assert chosen[key] == best
+        assert c["within_budget"] == (budget is None or c["macs_ratio"] == min(x["macs_ratio"] for x in candidates))
+        if c["within_budget"]:
+            assert c["score"] == pytest.approx(c["accuracy"] - weight * 100 * c["macs_ratio"])
+        else:
+            assert c["accuracy"] is None and c["score"] is None  # dropped before scoring
+    if weight == 0 and budget is None:
+        assert chosen["accuracy"] == max(c["accuracy"] for c in candidates)
+    else:
+        assert chosen["macs_ratio"] == min(c["macs_ratio"] for c in candidates)
     assert chosen["policy"] == report["policy"]
     assert chosen["macs_ratio"] == pytest.approx(report["macs"]["ratio"])

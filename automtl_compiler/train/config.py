@@ -47,12 +47,12 @@ DEFAULTS: dict[str, Any] = {
     "scheduler": {"name": "sum"},
     "stages": {
         "pretrain": {"iters": 80, "lr": 1e-3, "betas": [0.5, 0.999], "weight_decay": 1e-4},
-        "policy": {"iters": 120, "network_steps": 20, "policy_steps": 10, "network_lr": 1e-2,
+        "policy": {"iters": 120, "network_steps": 10, "policy_steps": 10, "network_lr": 1e-2,
                    "momentum": 0.9, "network_weight_decay": 1e-4, "policy_lr": 0.05,
-                   "policy_weight_decay": 5e-4, "reg_weight": 5e-4, "tau": 5.0, "tau_decay": 0.965,
+                   "policy_weight_decay": 5e-4, "reg_weight": 0.02, "tau": 5.0, "tau_decay": 0.965,
                    "tau_every": 10},
-        "sample": {"strategy": "sample", "seed": 0, "share_first": 0, "candidates": 4, "cost_weight": 0.0,
-                   "calibration_batches": 16},
+        "sample": {"strategy": "sample", "seed": 0, "share_first": 0, "candidates": 16, "cost_weight": 0.0,
+                   "max_macs_ratio": 0.7, "calibration_batches": 16},
         "posttrain": {"iters": 200, "lr": 1e-3, "betas": [0.5, 0.999], "weight_decay": 1e-4,
                       "step_size": 4000, "gamma": 0.5, "init": "policy"},
     },
@@ -125,6 +125,7 @@ RANGES: dict[str, Bound] = {
     "stages.policy.tau": _POSITIVE, "stages.policy.tau_decay": _FRACTION, "stages.policy.tau_every": _AT_LEAST_ONE,
     "stages.sample.seed": _SEED, "stages.sample.share_first": _COUNT, "stages.sample.candidates": Bound(0, 1000),
     "stages.sample.cost_weight": _NON_NEGATIVE, "stages.sample.calibration_batches": _COUNT,
+    "stages.sample.max_macs_ratio": _FRACTION,
     "stages.posttrain.iters": _COUNT, "stages.posttrain.lr": _POSITIVE,
     "stages.posttrain.betas": Bound(0, 1, high_open=True), "stages.posttrain.weight_decay": _NON_NEGATIVE,
     "stages.posttrain.step_size": _AT_LEAST_ONE, "stages.posttrain.gamma": _FRACTION,
@@ -185,8 +186,9 @@ def _number(value: Any, path: str, bound: Bound, whole: bool) -> Any:
     return value
 
 
-#: Keys with a value by default that may still be set to null (``output_stride: null`` keeps the backbone's strides).
-NULLABLE = ("output_stride",)
+#: Keys with a value by default that may still be set to null (``output_stride: null`` keeps the backbone's strides,
+#: ``max_macs_ratio: null`` sets no compute budget).
+NULLABLE = ("output_stride", "stages.sample.max_macs_ratio")
 
 
 def _check_type(value: Any, default: Any, path: str) -> Any:

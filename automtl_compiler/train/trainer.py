@@ -505,8 +505,10 @@ class Trainer:
 
     def _stage_sample(self) -> None:
         """Draw the policy. With ``candidates: k > 1`` the candidates are the argmax policy and k - 1 samples
-        (strategy ``sample``), each scored on validation in fixed mode, less ``cost_weight`` times its compute
-        ratio (all tasks in one call against the tasks one by one); the best is kept."""
+        (strategy ``sample``). Those whose compute ratio (multiply-accumulates of all tasks in one call against
+        the tasks one by one) exceeds ``max_macs_ratio`` are dropped unscored (the cheapest stays when none
+        fits); the rest are scored on validation in fixed mode, less ``cost_weight`` times the ratio, and the
+        best is kept."""
         from ..nn.cost import policy_cost
 
         s = self.cfg["stages"]["sample"]
@@ -521,13 +523,21 @@ class Trainer:
             if policy not in policies:
                 policies.append(policy)
         ratios = [policy_cost(self.model, p)["ratio"] for p in policies]
-        accuracy = self._scores([self._score_metrics(p) for p in policies]) if len(policies) > 1 else [0.0]
-        scores = [a - s["cost_weight"] * 100 * r for a, r in zip(accuracy, ratios)]
-        pick = max(range(len(policies)), key=lambda i: scores[i])
+        budget = s["max_macs_ratio"]
+        within = [budget is None or r <= budget for r in ratios]
+        if not any(within):  # nothing fits the budget: the cheapest candidate(s) only
+            within = [r == min(ratios) for r in ratios]
+        scored = [i for i in range(len(policies)) if within[i]]
+        found = self._scores([self._score_metrics(policies[i]) for i in scored]) if len(scored) > 1 else [0.0]
+        accuracy: list[float | None] = [None] * len(policies)
+        for i, a in zip(scored, found):
+            accuracy[i] = a
+        scores = [None if a is None else a - s["cost_weight"] * 100 * r for a, r in zip(accuracy, ratios)]
+        pick = max(scored, key=lambda i: scores[i])
         best = policies[pick]
-        self.state["candidates"] = [{"accuracy": a, "macs_ratio": r, "score": sc, "chosen": i == pick,
-                                     "policy": p.counts()}
-                                    for i, (a, r, sc, p) in enumerate(zip(accuracy, ratios, scores, policies))]
+        self.state["candidates"] = [{"accuracy": a, "macs_ratio": r, "score": sc, "within_budget": w,
+                                     "chosen": i == pick, "policy": p.counts()}
+                                    for i, (a, r, sc, w, p) in enumerate(zip(accuracy, ratios, scores, within, policies))]
         self.model.set_policy(best)
         self.state["policy"] = best.to_json()
         best.save(self.out / "policy.json")
