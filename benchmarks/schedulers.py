@@ -10,10 +10,13 @@ Rows:
   parameter level cannot avoid (its target is <= 1.15x of this);
 * ``imtl-{gradient,loss,hybrid}/{features,params}`` - IMTL's three methods at both levels (features
   target <= 1.2x sum);
+* ``torchjd-{UPGrad,PCGrad}/{features,params}`` - two torchjd aggregators through the ``torchjd``
+  scheduler at both levels (skipped when torchjd is not installed);
 * ``metagf`` - a span of K steps (T task phases of K steps + the meta phase), per step; ``metagf meta
   batch`` - one meta-phase batch (the span with M meta batches minus the span with none, over M), target
   <= 1.5x a sum step; its peak memory with 2 and 8 meta batches shows whether memory grows;
-* ``tmt`` - a step without and with the look-ahead meta update (target <= 4x a sum step).
+* ``tmt`` - a step with the look-ahead meta update (the authors' loop: the step, then the labelled
+  batch's forward, the look-ahead and the second update; target <= 4x a sum step).
 Peak memory is the resident high-water mark of a fresh process that builds the model and runs a few
 steps of that scheduler (so it includes the model, the optimiser and torch itself).
 """
@@ -21,6 +24,7 @@ steps of that scheduler (so it includes the model, the optimiser and torch itsel
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing as mp
 import statistics
 import tempfile
@@ -40,6 +44,8 @@ COMBINERS: dict[str, dict[str, Any]] = {
     "sum": {"name": "sum"},
     **{f"imtl-{m}/{lv}": {"name": "imtl", "method": m, "level": lv}
        for lv in ("features", "params") for m in ("gradient", "loss", "hybrid")},
+    **{f"torchjd-{a}/{lv}": {"name": "torchjd", "aggregator": a, "level": lv}
+       for lv in ("features", "params") for a in ("UPGrad", "PCGrad")},
 }
 
 
@@ -115,7 +121,8 @@ def run(args: argparse.Namespace) -> str:
     metagf = {"name": "metagf", "span": k, "meta_batches": m}
     metagf0 = {"name": "metagf", "span": k, "meta_batches": 0}
     tmt = {"name": "tmt", "target": "segment_semantic", "span": 1}
-    trainers = {name: make_trainer(args, spec, f"{tmp}/{i}") for i, (name, spec) in enumerate(COMBINERS.items())}
+    combiners = {k: v for k, v in COMBINERS.items() if v["name"] != "torchjd" or importlib.util.find_spec("torchjd")}
+    trainers = {name: make_trainer(args, spec, f"{tmp}/{i}") for i, (name, spec) in enumerate(combiners.items())}
     calls = {name: step_fn(t, name, args) for name, t in trainers.items()}
     calls["per-task backward"] = step_fn(trainers["sum"], "per-task backward", args)
     meta = {"metagf span": make_trainer(args, metagf, f"{tmp}/mg"), "metagf span, no meta": make_trainer(args, metagf0, f"{tmp}/mg0"),
@@ -127,7 +134,7 @@ def run(args: argparse.Namespace) -> str:
     base = med["sum"]
     rows = [["sum", f"{base * 1e3:.0f}", "1.00", ""],
             ["per-task backward", f"{med['per-task backward'] * 1e3:.0f}", f"{med['per-task backward'] / base:.2f}", ""]]
-    for name in COMBINERS:
+    for name in combiners:
         if name == "sum":
             continue
         ref = "sum" if name.endswith("features") else "per-task backward"

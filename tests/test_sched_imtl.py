@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -341,6 +343,104 @@ def test_bad_options_and_losses_are_clear_errors():
         IMTL(TASKS).backward({"zzz": torch.tensor(1.0, requires_grad=True)})
     with pytest.raises(AutomtlError, match=r"\[3, P\]"):
         IMTL(TASKS).combine(torch.zeros(2, 4))
+
+
+def hybrid_reference(rows, e, tasks, shared_idx, n_params):
+    """Hybrid IMTL over ``tasks`` (indices) by the paper's closed form: per-parameter gradients and α."""
+    J = np.stack([np.concatenate([(e[t] * rows[t][i]).reshape(-1).numpy() for i in shared_idx]) for t in tasks])
+    alpha = paper_alpha(J)
+    want = []
+    for i in range(n_params):
+        if i in shared_idx:
+            want.append(sum(float(a) * e[t] * rows[t][i] for a, t in zip(alpha, tasks)))
+        else:
+            want.append(sum(e[t] * rows[t][i] for t in tasks))
+    return alpha, want
+
+
+def test_init_scales_start_the_loss_scales():
+    model, x = Toy(), toy_input()
+    imtl = IMTL(TASKS, level="params", init_scales={"a": 2.0, "c": 0.5}, loss_lr=0.01)
+    e = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(imtl.scales().double(), e)
+    losses = model.losses(x)
+    params = list(model.parameters())
+    rows = per_task_grads(losses, params)
+    imtl.backward(losses, StepContext(params=params))
+    shared_idx = [i for i, p in enumerate(params) if p is model.shared.weight or p is model.shared.bias]
+    alpha, want = hybrid_reference(rows, e, [0, 1, 2], shared_idx, len(params))
+    torch.testing.assert_close(imtl.last_weights, torch.from_numpy(alpha), rtol=1e-6, atol=1e-8)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=1e-9)
+    values = torch.stack([losses[t].detach() for t in TASKS])
+    torch.testing.assert_close(imtl.last_scale_grad.double(), e * values - 1, rtol=1e-6, atol=1e-6)
+    assert abs(float(IMTL(TASKS, method="loss", init_scales={"b": 3.0}).log_scale.detach()[1]) - np.log(3.0)) < 1e-6
+
+
+@pytest.mark.parametrize("level", ["params", "features"])
+def test_excluded_losses_are_added_plainly_outside_the_balancing(supermodel, level):
+    if level == "params":
+        model, x = Toy(), toy_input()
+        params = list(model.parameters())
+        losses, z = model.losses(x), None
+    else:
+        sm = copy.deepcopy(supermodel)
+        losses, z = sm_losses(sm, sm_input())
+        params = [p for p in sm.network_parameters() if p.requires_grad]
+    imtl = IMTL(TASKS, method="hybrid", level=level, exclude=["c"])
+    e = with_scales(imtl, [0.4, -0.3, 0.9])
+    s_before = imtl.log_scale.detach().clone()
+    rows = per_task_grads(losses, params)
+    if level == "params":
+        shared_idx = [i for i, p in enumerate(params) if p is model.shared.weight or p is model.shared.bias]
+        alpha, want = hybrid_reference(rows, e, [0, 1], shared_idx, len(params))
+        alpha = torch.from_numpy(alpha)
+    else:
+        ref = IMTL(["a", "b"], method="hybrid", level="features")
+        with_scales(ref, [0.4, -0.3])
+        sm2 = copy.deepcopy(supermodel)
+        l2, z2 = sm_losses(sm2, sm_input())
+        p2 = [p for p in sm2.network_parameters() if p.requires_grad]
+        ref.backward({"a": l2["a"], "b": l2["b"]}, StepContext(params=p2, feature=z2))
+        alpha = ref.last_weights
+        want = [p.grad if p.grad is not None else torch.zeros_like(p) for p in p2]
+    imtl.backward(losses, StepContext(params=params, feature=z))
+    torch.testing.assert_close(imtl.last_weights[:2], alpha, rtol=1e-6, atol=1e-9)
+    assert float(imtl.last_weights[2]) == 0.0
+    for i, p in enumerate(params):  # the excluded loss: weight 1, no scale
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got, want[i] + rows[2][i], rtol=1e-6, atol=1e-9)
+    assert float(imtl.last_scale_grad[2]) == 0.0 and float(imtl.log_scale[2]) == float(s_before[2])
+    assert float(imtl.log_scale[0]) != float(s_before[0])
+
+
+def test_losses_without_gradients_are_ignored():
+    model, x = Toy(), toy_input()
+    imtl = IMTL(TASKS, method="hybrid", level="params")
+    e = with_scales(imtl, [0.2, 0.1, -0.4])
+    losses = model.losses(x)
+    params = list(model.parameters())
+    rows = per_task_grads(losses, params)
+    losses["b"] = losses["b"].detach()
+    imtl.backward(losses, StepContext(params=params))
+    shared_idx = [i for i, p in enumerate(params) if p is model.shared.weight or p is model.shared.bias]
+    alpha, want = hybrid_reference(rows, e, [0, 2], shared_idx, len(params))
+    torch.testing.assert_close(imtl.last_weights[[0, 2]], torch.from_numpy(alpha), rtol=1e-6, atol=1e-9)
+    assert float(imtl.last_weights[1]) == 0.0 and float(imtl.last_scale_grad[1]) == 0.0
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), w, rtol=1e-6, atol=1e-9)
+
+
+def test_bad_init_scales_and_exclude_are_clear_errors():
+    for options, message in [({"init_scales": {"a": 0}}, "init_scales.a must be a positive number"),
+                             ({"init_scales": {"zz": 1.0}}, r"init_scales for unknown task\(s\) \['zz'\]"),
+                             ({"init_scales": [1.0]}, "init_scales must map task names"),
+                             ({"init_scales": {"a": 2.0}, "method": "gradient"}, "method loss or hybrid"),
+                             ({"exclude": ["zz"]}, r"exclude names unknown task\(s\) \['zz'\]"),
+                             ({"exclude": "a"}, "exclude must be a list"),
+                             ({"exclude": TASKS}, "no task to balance")]:
+        with pytest.raises(AutomtlError, match=message):
+            create("imtl", TASKS, **options)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -102,7 +102,7 @@ def test_first_fusion_is_mean_of_displacements():
     model = toy()
     start = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    sched = MetaGF(TASKS, span=3, meta_batches=0)
+    sched = MetaGF(TASKS, span=3, meta_batches=0, phase_state="reset")
     sched.prepare(list(model.parameters()), None)
     logs = sched.run_span(make_ctx(model, opt))
     deltas, buffers, states = reference_phases(start, 0, 3)
@@ -137,7 +137,7 @@ def test_fusion_follows_formula_with_nonzero_weights():
     model = toy()
     start = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    sched = MetaGF(TASKS, span=2, meta_batches=0)
+    sched = MetaGF(TASKS, span=2, meta_batches=0, phase_state="reset")
     params = list(model.parameters())
     sched.prepare(params, None)
     gen = torch.Generator().manual_seed(5)
@@ -184,7 +184,7 @@ def total_loss(model: nn.Module, steps: list[int]) -> float:
 def test_meta_phase_trains_weights_and_lowers_total_loss():
     model = toy()
     plain = copy.deepcopy(model)
-    meta = MetaGF(TASKS, span=4, meta_lr=0.5, meta_batches=8, ema=0.9)
+    meta = MetaGF(TASKS, span=4, meta_lr=0.5, meta_batches=8, ema=0.9, learn_linear=True)
     base = MetaGF(TASKS, span=4, meta_batches=0)
     for m, s in ((model, meta), (plain, base)):
         s.prepare(list(m.parameters()), None)
@@ -251,7 +251,7 @@ def test_each_phase_starts_from_theta0():
                       if p in opt.state}))
         return model.forward_all(x, tasks)
 
-    sched = MetaGF(TASKS, span=3, meta_batches=0)
+    sched = MetaGF(TASKS, span=3, meta_batches=0, phase_state="reset")
     sched.prepare(list(model.parameters()), None)
     sched.run_span(make_ctx(model, opt, start=10, steps=3, forward=forward))
     assert len(seen) == 1 + 3 * len(TASKS)
@@ -355,7 +355,7 @@ def test_span_is_deterministic_and_resumes_exactly():
 
 def test_bad_options_and_parameters_are_clear_errors():
     for options in ({"aux_weight": -1}, {"meta_lr": -0.1}, {"meta_batches": -1}, {"meta_batches": 1.5},
-                    {"ema": 1.5}):
+                    {"ema": 1.5}, {"phase_state": "fresh"}, {"bn_stats": "mean"}, {"learn_linear": "yes"}):
         with pytest.raises(AutomtlError):
             MetaGF(TASKS, **options)
     with pytest.raises(AutomtlError):

@@ -136,7 +136,8 @@ def test_functional_call_substitutes_weights_in_the_generated_forward():
 def test_identity_controller_is_plain_training_on_the_sum_of_losses():
     model = make_model()
     ref = copy.deepcopy(model)
-    sched = prepared(model, controller="diag", controller_lr=0.0, controller_weight_decay=0.0)
+    sched = prepared(model, controller="diag", controller_lr=0.0, controller_weight_decay=0.0,
+                     target_update="every_step")
     with torch.no_grad():
         for ctl in sched.controllers.values():
             ctl.d.fill_(1.0)
@@ -183,7 +184,8 @@ def lookahead_objective(model: SuperModel, sched: TMT, lr: float):
 @pytest.mark.parametrize("kind", ["diag", "full", "rank"])
 def test_controller_gradient_matches_finite_differences_of_the_lookahead(kind):
     model = make_model()
-    sched = prepared(model, controller=kind, rank=2, noise=0.3, controller_lr=0.0, controller_weight_decay=0.0)
+    sched = prepared(model, controller=kind, rank=2, noise=0.3, controller_lr=0.0, controller_weight_decay=0.0,
+                     target_update="every_step")
     start = copy.deepcopy(model)
     opt = torch.optim.SGD(model.network_parameters(), lr=0.5)
     sched.run_span(make_ctx(model, opt, 0, 1))
@@ -211,10 +213,11 @@ def test_controller_gradient_matches_finite_differences_of_the_lookahead(kind):
         torch.testing.assert_close(analytic, fd, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("fraction,expected", [(0.5, [0, 1, 2]), (1.0, [0, 2])])
-def test_target_labels_come_only_from_batch_for_when_labels_are_limited(fraction, expected):
+@pytest.mark.parametrize("update,fraction,expected", [("every_step", 0.5, [0, 1, 2]), ("every_step", 1.0, [0, 2]),
+                                                      ("lookahead", 0.5, [0, 2]), ("lookahead", 1.0, [0, 2])])
+def test_target_labels_come_only_from_batch_for_when_labels_are_limited(update, fraction, expected):
     model = make_model()
-    sched = prepared(model, label_fraction=fraction, update_freq=2)
+    sched = prepared(model, label_fraction=fraction, update_freq=2, target_update=update)
     assert sched.label_fraction == fraction
     calls = []
 
@@ -240,6 +243,8 @@ def test_clear_errors():
         TMT(TASKS, "p", controller="lowrank")
     with pytest.raises(AutomtlError, match="label_fraction"):
         TMT(TASKS, "p", label_fraction=0)
+    with pytest.raises(AutomtlError, match="target_update must be one of lookahead, every_step"):
+        TMT(TASKS, "p", target_update="always")
     sched = TMT(TASKS, "p")
     assert "trunk all tasks share" in sched.check_model(False, "posttrain")
     assert sched.check_model(True, "posttrain") is None and sched.check_model(True, "pretrain")

@@ -33,6 +33,7 @@ SCHEDULERS = {
     "imtl-gradient-params": {"name": "imtl", "method": "gradient", "level": "params"},
     "metagf": {"name": "metagf", "span": 20, "meta_batches": 4},
     "tmt": {"name": "tmt", "target": "segment_semantic", "span": 20},
+    "torchjd-upgrad": {"name": "torchjd", "aggregator": "UPGrad"},
 }
 
 
@@ -66,11 +67,14 @@ def test_scheduler_lowers_every_task_loss(tmp_path, name: str) -> None:
         assert after[task] < 0.9 * before[task], (name, task, before[task], after[task])
 
 
-@pytest.mark.parametrize("name", ["imtl", "metagf"])
+SPECS = {"imtl": "{name: imtl}", "metagf": "{name: metagf, span: 2, meta_batches: 1}"}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
 def test_scheduler_runs_every_stage_and_resumes(tmp_path, name: str) -> None:
     sets = [*BASE, "stages.pretrain.iters=4", "stages.policy.iters=6", "stages.policy.network_steps=2",
             "stages.policy.policy_steps=1", "stages.posttrain.iters=4", "checkpoint_every=2",
-            f"scheduler={{name: {name}}}" if name == "imtl" else "scheduler={name: metagf, span: 2, meta_batches: 1}"]
+            f"scheduler={SPECS[name]}"]
     cfg = load_config(None, sets)
     datasets = make_datasets(cfg)
     types = make_task_types(cfg, datasets["train"])
@@ -87,11 +91,29 @@ def test_scheduler_validation_says_what_works() -> None:
     with pytest.raises(AutomtlError, match=r"cannot run in stage\(s\) \['pretrain'\].*posttrain"):
         Trainer(cfg, "/nonexistent-run", datasets=datasets, task_types=make_task_types(cfg, datasets["train"]),
                 progress=False)
-    with pytest.raises(AutomtlError, match="unknown scheduler 'pcgradd'; available: imtl, metagf, sum, tmt"):
+    with pytest.raises(AutomtlError, match="unknown scheduler 'pcgradd'; available: imtl, metagf, sum, tmt, torchjd"):
         create("pcgradd", tasks=["a", "b"])
     with pytest.raises(AutomtlError, match="scheduler 'imtl'"):
         create("imtl", tasks=["a", "b"], method="fast")
-    assert set(REGISTRY) >= {"sum", "imtl", "metagf", "tmt"}
+    assert set(REGISTRY) >= {"sum", "imtl", "metagf", "tmt", "torchjd"}
+    with pytest.raises(AutomtlError, match="unknown aggregator 'UPgrad'; use one of .*UPGrad"):
+        create("torchjd", tasks=["a", "b"], aggregator="UPgrad")
+
+
+def test_meta_schedulers_get_the_pass_length_and_tmt_its_labelled_loader() -> None:
+    """A span knows how many batches one pass over the training data is (Meta-GF's meta phase); TMT gets
+    a second loader over the labelled part even when every sample is labelled (the authors' part loader)."""
+    cfg = load_config(None, [*BASE, "scheduler={name: tmt, target: normal}"])
+    datasets = make_datasets(cfg)
+    trainer = Trainer(cfg, "/nonexistent-run", datasets=datasets,
+                      task_types=make_task_types(cfg, datasets["train"]), progress=False, baseline=True)
+    batches = trainer.batches("train", "posttrain")
+    labelled = trainer._labelled_batches("posttrain")
+    ctx = trainer.span_context("posttrain", "fixed", batches, 0, 1, labelled)
+    assert ctx.epoch == len(datasets["train"]) // 8
+    assert labelled is not None and len(labelled.dataset) == len(datasets["train"])
+    x, y = ctx.batch_for("normal", 0)
+    assert not torch.equal(x, ctx.batch(0)[0]) and "normal" in y
 
 
 def test_nan_loss_stops_with_the_task_named(tmp_path) -> None:

@@ -395,19 +395,21 @@ class Trainer:
             task_batch=(lambda task, k: self._to_device((labelled if task in labelled.tasks else batches).batch(k)))
             if labelled is not None else None,
             seed=lambda k: torch.manual_seed(step_seed(self.cfg["seed"], stage, k)),
-            check=lambda losses, k: self.check_finite(losses, stage, k))
+            check=lambda losses, k: self.check_finite(losses, stage, k),
+            epoch=max(1, len(batches.dataset) // batches.batch_size))
 
     def _labelled_batches(self, stage: str) -> Batches | None:
-        """Batches from the labelled part of the training set for a scheduler's limited-label setting."""
+        """Batches from the labelled part of the training set for a scheduler with a target task (TMT): its
+        own order over that part (the whole set when ``label_fraction`` is 1), as the authors' second loader."""
         fraction = float(getattr(self.scheduler, "label_fraction", 1.0))
         target = getattr(self.scheduler, "target", None)
-        if fraction >= 1.0 or target is None:
+        if target is None:
             return None
         from torch.utils.data import Subset
 
         train = self.datasets["train"]
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg["seed"]))
-        keep = max(1, round(fraction * len(train)))
+        keep = max(1, round(min(fraction, 1.0) * len(train)))
         labelled = self.batches(Subset(train, order[:keep].tolist()), stage, seed_offset=2)
         labelled.tasks = (target,)  # type: ignore[attr-defined]
         return labelled

@@ -1,7 +1,7 @@
 """Gradient schedulers: how the task losses of a step become the gradients of the shared weights.
 
 A registry maps names to classes; ``create(name, tasks=..., **options)`` builds one. Two kinds exist
-(see :mod:`.base`): per-step :class:`Combiner` s (``sum``, ``imtl``) and :class:`MetaScheduler` s that own
+(see :mod:`.base`): per-step :class:`Combiner` s (``sum``, ``imtl``, ``torchjd``) and :class:`MetaScheduler` s that own
 spans of the loop (``metagf``, ``tmt``). Others join with :func:`register`.
 """
 
@@ -16,7 +16,7 @@ from .weighted_sum import WeightedSum
 
 #: name -> class, or "module:Class" inside this package (imported when first used)
 REGISTRY: dict[str, type[Scheduler] | str] = {"sum": WeightedSum, "imtl": "imtl:IMTL", "metagf": "metagf:MetaGF",
-                                              "tmt": "tmt:TMT"}
+                                              "tmt": "tmt:TMT", "torchjd": "jd:TorchJD"}
 
 
 def register(name: str, cls: type[Scheduler]) -> None:

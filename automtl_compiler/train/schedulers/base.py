@@ -49,6 +49,8 @@ class SpanContext:
       limited-label setting); by default the same as ``batch``.
     * ``loss(outputs, targets)``: task -> scalar loss.
     * ``seed(step)``: call before a step's forward so dropout and noise are reproducible on resume.
+    * ``epoch``: how many batches make one pass over the stage's training data (None when unknown), for
+      a scheduler that works in passes (Meta-GF's meta phase).
     """
 
     model: nn.Module
@@ -63,6 +65,7 @@ class SpanContext:
     task_batch: Callable[[str, int], Batch] | None = None
     seed: Callable[[int], None] = lambda step: None
     check: Callable[[dict[str, torch.Tensor], int], None] = lambda losses, step: None
+    epoch: int | None = None
 
     def batch_for(self, task: str, step: int) -> Batch:
         """A batch with labels of ``task`` for ``step``."""

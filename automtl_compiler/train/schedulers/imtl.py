@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -84,10 +87,28 @@ class IMTL(Combiner):
     gradients (a frozen trunk) the ``params`` level is used. A parameter used both before and after z (tied
     weights) is treated as trunk and gets only the trunk's gradient.
 
-    Hyper-parameters: ``method`` (above), ``level`` (above), ``loss_lr`` (Adam learning rate of s).
+    **Sign.** The paper normalises Σ α = 1. For some Jacobians that α makes the common projection
+    negative - the update would raise every task's loss - so α is normalised to Σ α = −1 there instead
+    (the sign that keeps a descent direction; LibMTL's IMTL gives the same α up to that sign).
+
+    **Parameters shared by only some tasks** (``params`` level, e.g. a branch two of three tasks use): the
+    Gram matrix is summed over every parameter that two tasks or more reach, each task's gradient being 0
+    on parameters it does not reach; so one α, computed over all tasks, weights every shared parameter,
+    and a task that does not reach a parameter contributes nothing to it (its α still counts in the
+    normalisation). A parameter one task reaches gets that task's (scaled) gradient, unweighted.
+
+    **Leaving losses out.** ``exclude: [task, ...]`` names tasks whose losses are added plainly (weight 1,
+    no loss scale, no α) to the balanced objective - the reference code's "other" losses that bypass IMTL,
+    e.g. a regulariser; they are trained but do not take part in the balancing. A loss that does not
+    require gradients (a frozen head, a constant) is ignored: it gets no α and no scale update.
+
+    Hyper-parameters: ``method`` (above), ``level`` (above), ``loss_lr`` (Adam learning rate of s),
+    ``init_scales`` (task -> the initial loss scale e^{s_t} > 0, default 1; the IMTL reference's
+    ``init_loss`` gives s_t itself, so its ``init_loss`` v is ``init_scales`` e^v), ``exclude`` (above).
     """
 
-    def __init__(self, tasks: list[str], method: str = "hybrid", level: str = "auto", loss_lr: float = 1e-3) -> None:
+    def __init__(self, tasks: list[str], method: str = "hybrid", level: str = "auto", loss_lr: float = 1e-3,
+                 init_scales: dict[str, float] | None = None, exclude: list[str] | None = None) -> None:
         super().__init__(tasks)
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise AutomtlError(f"scheduler 'imtl' needs distinct task names, got {self.tasks}")
@@ -97,18 +118,50 @@ class IMTL(Combiner):
             raise AutomtlError(f"scheduler 'imtl': unknown level '{level}'; use one of {', '.join(LEVELS)}")
         if not isinstance(loss_lr, (int, float)) or not loss_lr > 0:
             raise AutomtlError(f"scheduler 'imtl': loss_lr must be a positive number, got {loss_lr!r}")
+        init = self._check_init_scales(init_scales, method)
+        self.exclude = self._check_exclude(exclude)
         self.method = method
         self.level = level
         self.loss_lr = float(loss_lr)
         self.log_scale: nn.Parameter | None = None
         self._scale_opt: torch.optim.Optimizer | None = None
         if method != "gradient":
-            self.log_scale = nn.Parameter(torch.zeros(len(self.tasks)))
+            start = [math.log(init.get(t, 1.0)) for t in self.tasks]
+            self.log_scale = nn.Parameter(torch.tensor(start, dtype=torch.get_default_dtype()))
             self._scale_opt = torch.optim.Adam([self.log_scale], lr=self.loss_lr)
         #: α of the last step over ``self.tasks`` (None when the step needed none), for logs and tests
         self.last_weights: torch.Tensor | None = None
         #: gradient of s used by the last step (before the optimiser step), for logs and tests
         self.last_scale_grad: torch.Tensor | None = None
+
+    def _check_init_scales(self, init_scales: Any, method: str) -> dict[str, float]:
+        if init_scales is None:
+            return {}
+        if not isinstance(init_scales, dict):
+            raise AutomtlError(f"scheduler 'imtl': init_scales must map task names to positive scales, e.g. "
+                               f"{{{self.tasks[0]}: 2.0}}, got {init_scales!r}")
+        if method == "gradient":
+            raise AutomtlError("scheduler 'imtl': init_scales needs learnable loss scales (method loss or hybrid); "
+                               "IMTL-G (method gradient) has none")
+        unknown = sorted(set(init_scales) - set(self.tasks))
+        if unknown:
+            raise AutomtlError(f"scheduler 'imtl': init_scales for unknown task(s) {unknown}; tasks are {self.tasks}")
+        for t, v in init_scales.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < float("inf")):
+                raise AutomtlError(f"scheduler 'imtl': init_scales.{t} must be a positive number, got {v!r}")
+        return {t: float(v) for t, v in init_scales.items()}
+
+    def _check_exclude(self, exclude: Any) -> list[str]:
+        if exclude is None:
+            return []
+        if not isinstance(exclude, (list, tuple)) or not all(isinstance(t, str) for t in exclude):
+            raise AutomtlError(f"scheduler 'imtl': exclude must be a list of task names, got {exclude!r}")
+        unknown = sorted(set(exclude) - set(self.tasks))
+        if unknown:
+            raise AutomtlError(f"scheduler 'imtl': exclude names unknown task(s) {unknown}; tasks are {self.tasks}")
+        if set(exclude) >= set(self.tasks):
+            raise AutomtlError("scheduler 'imtl': exclude leaves no task to balance; use scheduler 'sum' instead")
+        return list(exclude)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """IMTL-L's Adam over the loss scales s (none for IMTL-G)."""
@@ -144,10 +197,19 @@ class IMTL(Combiner):
         """Fill the gradients of the step's parameters (see the class docstring); step s for IMTL-L/hybrid.
 
         Returns Σ_t w_t L'_t detached, with L'_t the objective of task t (e^{s_t} L_t − s_t, or L_t for
-        IMTL-G) and w = α when the step computed one, else 1. Tasks missing from ``losses`` get a zero
-        s-gradient.
+        IMTL-G) and w = α when the step computed one, else 1, plus the excluded losses. Tasks missing from
+        ``losses``, excluded or without gradients get a zero s-gradient and α = 0.
         """
-        names = self._check_losses(losses)
+        self._check_losses(losses)
+        plain = [losses[t] for t in self.exclude if t in losses and losses[t].requires_grad]
+        if plain:  # the excluded losses first, keeping the graph for the balanced part
+            self._backward_plain(torch.stack([v.reshape(()) for v in plain]).sum(), ctx)
+        names = [t for t in self.tasks if t in losses and t not in self.exclude and losses[t].requires_grad]
+        extra = sum(float(v.detach()) for v in plain)
+        if not names:
+            self.last_weights = None
+            self.last_scale_grad = None
+            return torch.tensor(extra)
         index = [self.tasks.index(t) for t in names]
         raw = [losses[t] for t in names]
         device = raw[0].device
@@ -175,7 +237,14 @@ class IMTL(Combiner):
             self.last_scale_grad = grad.clone()
             self._scale_opt.step()  # type: ignore[union-attr]
         w = alpha.to(objective.device, objective.dtype) if alpha is not None else torch.ones_like(objective)
-        return (w * objective).sum()
+        return (w * objective).sum() + extra
+
+    def _backward_plain(self, total: torch.Tensor, ctx: StepContext | None) -> None:
+        """Backward of ``total`` into the step's parameters it reaches, keeping the graph."""
+        reached = {id(p) for p in autograd_leaves([total])}
+        inputs = [p for p in self._trainable(ctx, [total]) if id(p) in reached]
+        if inputs:
+            total.backward(inputs=inputs, retain_graph=True)
 
     def _check_losses(self, losses: dict[str, torch.Tensor]) -> list[str]:
         if not isinstance(losses, dict) or not losses:

@@ -9,34 +9,45 @@ reach p (whose own loss has a gradient path to p, found once per stage on its fi
 
 with one meta-weight per output×input channel of a conv (broadcast over the kernel), per out×in entry of
 a 2-D weight and per channel of a 1-D parameter. A *meta phase* fits w with Adam to Σ_t L_t at θ(w)
-over ``meta_batches`` batches (first order: the Δ are constants), then the model is set to θ(w).
+(first order: the Δ are constants), one Adam step per batch; the model ends at the θ(w) of the last meta
+batch's forward (w before that batch's step, as in the authors' loop) and the meta-weights' EMA is
+updated: EMA ← ema·EMA + (1 − ema)·w (w starts every span from the EMA, zero at first).
 
-Choices the reference code leaves open (it says it may have bugs), made here so that a span is a pure
-function of the model, optimiser and scheduler state (a restarted span repeats exactly):
+By default a span is the authors' loop (SYVAE/MetaGF, ``MetaGFgrad_ECCV_multitask.py`` with
+``model_segnet_mt_ECCV.py``):
 
-* Every task phase starts from θ0 *including* the stage optimiser's state (moments, step counters) and
-  every model buffer (batch-norm running statistics), both restored from a snapshot taken at the start
-  of the span.
-* After the span the optimiser holds the mean of the phases' states: floating tensors (Adam's moments,
-  SGD's momentum) are averaged over the phases that hold state for a parameter, step counters take the
-  maximum, anything else the last phase's value. The fused step is an average of the phases' steps,
-  so the averaged moments describe it, and Adam's step count advances by K per span as usual.
-* Model buffers after the span are θ0's plus the mean of the phases' changes (the mean of the phases'
-  running statistics; an unchanged buffer stays bit-exact); integer buffers (``num_batches_tracked``)
-  take the maximum. The meta phase runs on scratch copies of the buffers, so it leaves them alone.
-* w starts every span from an exponential moving average of the meta-learned w (zero at first, so the
-  first span begins at the plain mean of the displacements); the model is set to θ(w) with the w the
-  meta phase ends with; then EMA ← ema·EMA + (1 − ema)·w. ``ema=1`` restarts w from 0 every span,
-  ``ema=0`` carries w over unchanged. The meta optimiser's moments persist across spans.
-* The meta phase reuses the span's own batches ``start + (j mod K)`` for j < ``meta_batches`` (default
-  10, about 10% of a 100-step span per task phase); ``meta_batches=0`` skips meta-learning and fuses with
-  the EMA weights.
-* Parameters that no task reaches (unused branches) stay at θ0.
+* ``phase_state: sequential`` - only the *parameters* go back to θ0 between task phases: the stage
+  optimiser's moments and the batch-norm buffers carry on from one phase to the next (task 2's phase
+  starts with the moments and running statistics task 1's phase ended with).
+* ``bn_stats: meta`` - the meta phase's forwards run the fused network in training mode on the model's
+  own buffers, so the running statistics after a span are those of the fused network (carried on from
+  the last task phase through every meta batch).
+* ``learn_linear: false`` - the meta-weights of 2-D weights (``Linear`` layers) stay at 0: those
+  parameters get the plain mean of the displacements.
+* ``meta_batches: null`` - the meta phase is one full pass over the training data
+  (``SpanContext.epoch`` batches from the span's start; the span's length when the pass is unknown).
+
+The variants, kept as options because each fixes something the authors' loop leaves open:
+
+* ``phase_state: reset`` - every phase also starts from θ0's optimiser state and buffers (snapshots
+  taken at the span's start); after the span the optimiser holds the mean of the phases' states (floating
+  tensors averaged, step counters the maximum) and the buffers are θ0's plus the mean of the phases'
+  changes (integer buffers the maximum). The phases then no longer depend on the order of the tasks,
+  and the averaged moments describe the fused step.
+* ``bn_stats: phases`` - the meta phase runs on scratch copies of the buffers, so the statistics after
+  a span are those the phases left (their mean with ``phase_state: reset``): the meta phase's few batches
+  at weights that change every batch do not overwrite them.
+* ``learn_linear: true`` - 2-D weights get learned meta-weights like every other parameter.
+* ``meta_batches: N`` - a bounded meta phase reusing the span's own batches ``start + (j mod K)`` for
+  j < N (0 skips meta-learning and fuses with the EMA weights): the meta phase then costs N
+  forward/backward passes instead of a pass over the data.
+
+Parameters that no task reaches (unused branches) stay at θ0.
 
 The meta phase calls the stage's forward through ``torch.func.functional_call`` with θ(w) substituted
 for the parameters: no copy of the model per batch. Beyond the model, a span holds θ0, the reached
-displacements, θ0's optimiser state, a running sum of the phases' optimiser states and buffers, and the
-meta-weights with their EMA and Adam moments; each meta batch frees its graph.
+displacements (with ``phase_state: reset`` also θ0's optimiser state and buffers and a running sum of the
+phases'), and the meta-weights with their EMA and Adam moments; each meta batch frees its graph.
 """
 
 from __future__ import annotations
@@ -52,6 +63,8 @@ from .functional import call_with
 
 EPS = 1e-10
 _COUNTERS = ("step",)
+PHASE_STATES = ("sequential", "reset")
+BN_STATS = ("meta", "phases")
 
 
 def meta_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -108,13 +121,16 @@ class MetaGF(MetaScheduler):
     """Meta-GF: per-task phases from shared start weights, fused with meta-learned per-channel weights.
 
     ``aux_weight`` is a (the weight of the other tasks' losses in a task phase), ``meta_lr`` the meta
-    Adam's learning rate, ``meta_batches`` the meta phase's batches per span and ``ema`` the decay of
-    the meta-weights' moving average (see the module docstring). A span costs T·K + ``meta_batches``
+    Adam's learning rate, ``meta_batches`` the meta phase's batches per span (None: a full pass over the
+    training data), ``ema`` the decay of the meta-weights' moving average, ``phase_state``
+    (``sequential`` | ``reset``), ``bn_stats`` (``meta`` | ``phases``) and ``learn_linear`` choose between
+    the authors' loop and the variants (see the module docstring). A span costs T·K + meta-batch
     forward/backward passes.
     """
 
     def __init__(self, tasks: list[str], span: int = 100, aux_weight: float = 0.1, meta_lr: float = 0.1,
-                 meta_batches: int = 10, ema: float = 0.9) -> None:
+                 meta_batches: int | None = None, ema: float = 0.9, phase_state: str = "sequential",
+                 bn_stats: str = "meta", learn_linear: bool = False) -> None:
         super().__init__(tasks, span)
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise AutomtlError(f"scheduler 'metagf' needs distinct task names, got {self.tasks}")
@@ -122,14 +138,26 @@ class MetaGF(MetaScheduler):
             raise AutomtlError(f"scheduler 'metagf': aux_weight must be >= 0, got {aux_weight}")
         if meta_lr < 0:
             raise AutomtlError(f"scheduler 'metagf': meta_lr must be >= 0, got {meta_lr}")
-        if int(meta_batches) != meta_batches or meta_batches < 0:
-            raise AutomtlError(f"scheduler 'metagf': meta_batches must be a whole number >= 0, got {meta_batches}")
+        if meta_batches is not None and (isinstance(meta_batches, bool) or int(meta_batches) != meta_batches
+                                         or meta_batches < 0):
+            raise AutomtlError(f"scheduler 'metagf': meta_batches must be a whole number >= 0 (or null for a "
+                               f"full pass over the training data), got {meta_batches}")
         if not 0.0 <= ema <= 1.0:
             raise AutomtlError(f"scheduler 'metagf': ema must be in [0, 1], got {ema}")
+        if phase_state not in PHASE_STATES:
+            raise AutomtlError(f"scheduler 'metagf': phase_state must be one of {', '.join(PHASE_STATES)}, got "
+                               f"{phase_state!r}")
+        if bn_stats not in BN_STATS:
+            raise AutomtlError(f"scheduler 'metagf': bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
+        if not isinstance(learn_linear, bool):
+            raise AutomtlError(f"scheduler 'metagf': learn_linear must be true or false, got {learn_linear!r}")
         self.aux_weight = float(aux_weight)
         self.meta_lr = float(meta_lr)
-        self.meta_batches = int(meta_batches)
+        self.meta_batches = None if meta_batches is None else int(meta_batches)
         self.ema = float(ema)
+        self.phase_state = phase_state
+        self.bn_stats = bn_stats
+        self.learn_linear = learn_linear
         self.weights = nn.ModuleList()
         self.ema_weights = nn.ModuleList()
         self.register_buffer("reach", torch.zeros(0, 0, dtype=torch.bool))
@@ -143,19 +171,23 @@ class MetaGF(MetaScheduler):
 
         Called once per stage before its spans (and before a checkpoint restores the state); the set of
         tasks that reach each parameter is found on the stage's first span. ``feature_shape`` is unused.
+        Without ``learn_linear`` the meta-weights of 2-D parameters are frozen (not in the Adam).
         """
         params = list(params)
         if not params:
             raise AutomtlError("scheduler 'metagf': the stage trains no parameters")
         self.weights = nn.ModuleList(
-            nn.ParameterList(nn.Parameter(torch.zeros(meta_shape(p.shape), device=p.device)) for p in params)
+            nn.ParameterList(nn.Parameter(torch.zeros(meta_shape(p.shape), device=p.device, dtype=_dtype(p)),
+                                          requires_grad=self.learn_linear or p.dim() != 2) for p in params)
             for _ in self.tasks)
         self.ema_weights = nn.ModuleList(
-            _BufferList([torch.zeros(meta_shape(p.shape), device=p.device) for p in params]) for _ in self.tasks)
+            _BufferList([torch.zeros(meta_shape(p.shape), device=p.device, dtype=_dtype(p)) for p in params])
+            for _ in self.tasks)
         device = params[0].device
         self.register_buffer("reach", torch.zeros(len(self.tasks), len(params), dtype=torch.bool, device=device))
         self.register_buffer("reach_known", torch.tensor(False, device=device))
-        self._meta_opt = torch.optim.Adam(list(self.weights.parameters()), lr=self.meta_lr)
+        learned = [w for w in self.weights.parameters() if w.requires_grad]
+        self._meta_opt = torch.optim.Adam(learned or [nn.Parameter(torch.zeros(0))], lr=self.meta_lr)
         self._param_ids = [id(p) for p in params]
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -182,7 +214,7 @@ class MetaGF(MetaScheduler):
 
     # ------------------------------------------------------------ the span
     def run_span(self, ctx: SpanContext) -> dict[str, float]:
-        """Task phases from θ0, fusion, meta phase; leaves the model at θ(w). Returns each task's mean
+        """Task phases from θ0, meta phase, fusion; leaves the model at θ(w). Returns each task's mean
         loss over every step of every task phase."""
         params = list(ctx.params)
         if self._param_ids is None:
@@ -196,8 +228,9 @@ class MetaGF(MetaScheduler):
         names = self._names(model, params)
         trainable = [p for p in params if p.requires_grad]
         theta0 = [p.detach().clone() for p in params]
-        buffers0 = {n: b.detach().clone() for n, b in model.named_buffers()}
-        opt0 = _copy_state(opt.state)
+        reset = self.phase_state == "reset"
+        buffers0 = {n: b.detach().clone() for n, b in model.named_buffers()} if reset else {}
+        opt0 = _copy_state(opt.state) if reset else {}
         if not bool(self.reach_known):
             self._find_reach(ctx, params)
         reach = self.reach.tolist()
@@ -208,7 +241,9 @@ class MetaGF(MetaScheduler):
         opt_count: dict[Any, int] = {}
         totals = {t: 0.0 for t in self.tasks}
         for ti, task in enumerate(self.tasks):
-            self._restore(model, params, theta0, buffers0, opt, opt0)
+            _set(params, theta0)
+            if reset:
+                self._restore(model, buffers0, opt, opt0)
             for i in range(ctx.steps):
                 step = ctx.start + i
                 x, targets = ctx.batch(step)
@@ -228,24 +263,26 @@ class MetaGF(MetaScheduler):
                 for pi, p in enumerate(params):
                     if reach[ti][pi]:
                         deltas[ti][pi] = p.detach() - theta0[pi]
-                for n, b in model.named_buffers():
-                    _add_buffer(buffer_sum, n, b, buffers0[n])
-            _add_state(opt_sum, opt_count, opt.state)
+                if reset:
+                    for n, b in model.named_buffers():
+                        _add_buffer(buffer_sum, n, b, buffers0[n])
+            if reset:
+                _add_state(opt_sum, opt_count, opt.state)
         opt.zero_grad(set_to_none=True)
-        del opt0
-        with torch.no_grad():
-            for p, start in zip(params, theta0):
-                p.copy_(start)
-            for n, b in model.named_buffers():
-                if n in buffer_sum:
-                    b.copy_(_mean_buffer(buffer_sum[n], buffers0[n], len(self.tasks)))
-        del buffer_sum, buffers0
-        _set_mean_state(opt, opt_sum, opt_count)
-        del opt_sum
+        _set(params, theta0)
+        if reset:
+            del opt0
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    if n in buffer_sum:
+                        b.copy_(_mean_buffer(buffer_sum[n], buffers0[n], len(self.tasks)))
+            del buffer_sum, buffers0
+            _set_mean_state(opt, opt_sum, opt_count)
+            del opt_sum
 
-        self._meta_phase(ctx, names, theta0, deltas)
+        final = self._meta_phase(ctx, names, theta0, deltas)
         with torch.no_grad():
-            for p, value in zip(params, self.fuse(theta0, deltas)):
+            for p, value in zip(params, final):
                 if value is not None:
                     p.copy_(value)
             for w_task, ema_task in zip(self.weights, self.ema_weights):
@@ -254,22 +291,33 @@ class MetaGF(MetaScheduler):
         count = ctx.steps * len(self.tasks)
         return {t: totals[t] / count for t in self.tasks}
 
+    def meta_schedule(self, ctx: SpanContext) -> list[int]:
+        """The steps whose batches the span's meta phase uses, in order (see the module docstring)."""
+        if self.meta_batches is None:
+            return [ctx.start + j for j in range(ctx.epoch or ctx.steps)]
+        return [ctx.start + j % ctx.steps for j in range(self.meta_batches)]
+
     def _meta_phase(self, ctx: SpanContext, names: list[str], theta0: list[torch.Tensor],
-                    deltas: list[list[torch.Tensor | None]]) -> None:
-        """Fit w to Σ_t L_t at θ(w) over ``meta_batches`` of the span's batches (w starts at the EMA)."""
+                    deltas: list[list[torch.Tensor | None]]) -> list[torch.Tensor | None]:
+        """Fit w to Σ_t L_t at θ(w), one Adam step per batch of :meth:`meta_schedule` (w starts at the EMA);
+        returns the fused weights of the last forward (the EMA's fusion when there is no meta batch)."""
         assert self._meta_opt is not None
         with torch.no_grad():
             for w_task, ema_task in zip(self.weights, self.ema_weights):
                 for i, w in enumerate(w_task):
                     w.copy_(ema_task[i])
-        if self.meta_batches == 0:
-            return
-        scratch = {n: b.detach().clone() for n, b in ctx.model.named_buffers()}
-        meta_params = list(self.weights.parameters())
-        for j in range(self.meta_batches):
-            step = ctx.start + j % ctx.steps
+        schedule = self.meta_schedule(ctx)
+        if not schedule:
+            with torch.no_grad():
+                return self.fuse(theta0, deltas)
+        scratch = ({n: b.detach().clone() for n, b in ctx.model.named_buffers()}
+                   if self.bn_stats == "phases" else {})
+        meta_params = [w for w in self.weights.parameters() if w.requires_grad]
+        last: list[torch.Tensor | None] = []
+        for step in schedule:
             x, targets = ctx.batch(step)
             fused = self.fuse(theta0, deltas)
+            last = [None if v is None else v.detach() for v in fused]
             substitute = {n: v for n, v in zip(names, fused) if v is not None}
             substitute.update(scratch)
             ctx.seed(step)
@@ -277,11 +325,12 @@ class MetaGF(MetaScheduler):
             losses = self._losses(ctx, outputs, targets, step)
             total = sum(losses[t] for t in self.tasks)
             self._meta_opt.zero_grad(set_to_none=True)
-            if isinstance(total, torch.Tensor) and total.requires_grad:
+            if meta_params and isinstance(total, torch.Tensor) and total.requires_grad:
                 total.backward(inputs=meta_params)
             self._meta_opt.step()
             del fused, substitute, outputs, losses, total
         self._meta_opt.zero_grad(set_to_none=True)
+        return last
 
     # ------------------------------------------------------------ helpers
     def _losses(self, ctx: SpanContext, outputs: Any, targets: dict[str, torch.Tensor],
@@ -294,10 +343,12 @@ class MetaGF(MetaScheduler):
         return losses
 
     def _find_reach(self, ctx: SpanContext, params: list[nn.Parameter]) -> None:
-        """Mark which parameters each task's own loss has a gradient path to (on the span's first batch)."""
+        """Mark which parameters each task's own loss has a gradient path to (on the span's first batch);
+        the probe's forward leaves the model's buffers as they were."""
         x, targets = ctx.batch(ctx.start)
         ctx.seed(ctx.start)
-        losses = self._losses(ctx, ctx.forward(x), targets, ctx.start)
+        scratch = {n: b.detach().clone() for n, b in ctx.model.named_buffers()}
+        losses = self._losses(ctx, call_with(ctx.model, scratch, ctx.forward, x), targets, ctx.start)
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         reach = torch.zeros(len(self.tasks), len(params), dtype=torch.bool)
         for ti, task in enumerate(self.tasks):
@@ -322,18 +373,22 @@ class MetaGF(MetaScheduler):
         return [by_id[id(p)] for p in params]
 
     @staticmethod
-    def _restore(model: nn.Module, params: list[nn.Parameter], theta0: list[torch.Tensor],
-                 buffers0: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+    def _restore(model: nn.Module, buffers0: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
                  opt0: dict[Any, dict[str, Any]]) -> None:
-        """Put the weights, buffers and optimiser state back to the span's start."""
+        """Put the buffers and the optimiser state back to the span's start (``phase_state: reset``)."""
         with torch.no_grad():
-            for p, start in zip(params, theta0):
-                p.copy_(start)
             for n, b in model.named_buffers():
                 b.copy_(buffers0[n])
         opt.state.clear()
         for p, entries in _copy_state(opt0).items():
             opt.state[p] = entries
+
+
+def _set(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    """Copy ``values`` into ``params`` (no autograd)."""
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
 
 
 def _copy_state(state: Any) -> dict[Any, dict[str, Any]]:
@@ -376,3 +431,8 @@ def _set_mean_state(opt: torch.optim.Optimizer, acc: dict[Any, dict[str, Any]], 
     for p, entries in acc.items():
         opt.state[p] = {k: v.div_(count[p]) if k not in _COUNTERS and torch.is_tensor(v) and v.is_floating_point()
                         else v for k, v in entries.items()}
+
+
+def _dtype(param: torch.Tensor) -> torch.dtype:
+    """Meta-weights take the dtype of a floating parameter (the default dtype for any other)."""
+    return param.dtype if param.is_floating_point() else torch.get_default_dtype()
