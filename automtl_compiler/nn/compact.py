@@ -147,8 +147,13 @@ class CompactModel(nn.Module):
             lines.append(f"  {name:<24} parameters {p:>14,}" + (f"   trunk FLOPs {f:>16,}" if f is not None else ""))
         if ref:
             lines.append(f"  parameter saving vs single-task models: {1 - params / ref['single_task_params']:.1%}; "
-                         f"trunk FLOPs vs running the tasks one by one: "
+                         f"trunk FLOPs vs {len(self.tasks)} single-task trunks: "
                          f"{flops / (ref['trunk_flops'] * len(self.tasks)):.2f}x")
+        from .cost import compact_cost
+
+        cost = compact_cost(self)
+        lines.append(f"  multiply-accumulates per sample, heads included: all tasks in one call {cost['all_tasks']:,} = "
+                     f"{cost['ratio']:.2f}x the tasks one by one ({cost['one_by_one']:,}; smaller is better)")
         return "\n".join(lines)
 
     # ------------------------------------------------------------ files

@@ -47,8 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "scheduler": {"name": "sum"},
     "stages": {
         "pretrain": {"iters": 80, "lr": 1e-3, "betas": [0.5, 0.999], "weight_decay": 1e-4},
-        "policy": {"iters": 120, "network_steps": 10, "policy_steps": 10, "network_lr": 1e-2,
-                   "momentum": 0.9, "network_weight_decay": 1e-4, "policy_lr": 0.05,
+        "policy": {"iters": 120, "network_steps": 20, "policy_steps": 10, "network_lr": 1e-2,
+                   "momentum": 0.9, "network_weight_decay": 1e-4, "policy_lr": 0.1,
                    "policy_weight_decay": 5e-4, "reg_weight": 0.02, "tau": 5.0, "tau_decay": 0.965,
                    "tau_every": 10},
         "sample": {"strategy": "sample", "seed": 0, "share_first": 0, "candidates": 16, "cost_weight": 0.0,
