@@ -49,9 +49,8 @@ def test_statistics_are_the_average_over_the_calibration_batches():
 def test_statistics_come_back_after_an_error():
     net = model().train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(RuntimeError, match="boom"):
-        with recalibrated_batchnorm(net, lambda: net(torch.randn(2, 3, 8, 8))):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), recalibrated_batchnorm(net, lambda: net(torch.randn(2, 3, 8, 8))):
+        raise RuntimeError("boom")
     assert net.training
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k

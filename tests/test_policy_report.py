@@ -124,9 +124,8 @@ def test_policy_picture_draws_each_task_in_its_own_panel(tmp_path):
 def test_sample_stage_ranks_candidates_by_accuracy_cost_and_budget(tmp_path, weight, budget):
     """cost_weight 0 keeps the most accurate candidate, a large one the cheapest, and a budget nothing meets
     the cheapest too; the report lists every candidate with its figures."""
-    from tests.test_train import ROOT, TINY
-
     from automtl_compiler.train.run import train
+    from tests.test_train import ROOT, TINY
 
     report = train(ROOT / "configs" / "synthetic-quick.yaml",
                    [*TINY, "stages.sample.candidates=5", "stages.sample.calibration_batches=1",
