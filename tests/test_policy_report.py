@@ -12,7 +12,7 @@ from automtl_compiler.nn.compact import prune
 from automtl_compiler.nn.cost import compact_cost, head_macs, policy_cost
 from automtl_compiler.nn.policy import Policy
 from automtl_compiler.passes.multitask import BRANCHES
-from automtl_compiler.train.heatmap import COLOURS, draw_policy, policy_data
+from automtl_compiler.train.policy_plot import COLOURS, draw_policy, policy_data
 from tests.test_prune import Small, make_supermodel
 
 

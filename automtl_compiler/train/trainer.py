@@ -627,7 +627,7 @@ class Trainer:
         report.json and drawn to policy.png."""
         from ..nn.compact import prune
         from ..nn.cost import compact_cost
-        from .heatmap import draw_policy, policy_data
+        from .policy_plot import draw_policy, policy_data
 
         policy = self.model.fixed_policy or self.model.sample_policy("argmax")
         metrics = self.evaluate("fixed", policy)
