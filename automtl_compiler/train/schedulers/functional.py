@@ -4,10 +4,13 @@ substituted weights (``torch.func.functional_call`` over a stage's forward, no m
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .base import StepContext
 
 
 def autograd_leaves(roots: Iterable[torch.Tensor], stop: object | None = None) -> list[torch.Tensor]:
@@ -69,3 +72,16 @@ def call_with(model: nn.Module, tensors: dict[str, torch.Tensor], fn: Callable[.
     """
     return torch.func.functional_call(_Bound(model, fn), {f"model.{k}": v for k, v in tensors.items()},
                                       args, kwargs)
+
+
+def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """Add ``grad`` to ``param.grad`` in the parameter's dtype (the trainer zeroes gradients before the step)."""
+    grad = grad.to(param.dtype)
+    param.grad = grad if param.grad is None else param.grad + grad
+
+
+def trainable(ctx: StepContext | None, losses: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The step's parameters that require gradients, or (no step context) the leaves ``losses`` reach."""
+    if ctx is None:
+        return autograd_leaves(losses)
+    return [p for p in ctx.params if p.requires_grad]

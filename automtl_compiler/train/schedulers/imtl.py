@@ -10,7 +10,7 @@ from torch import nn
 
 from ...errors import AutomtlError
 from .base import Combiner, StepContext
-from .functional import autograd_leaves
+from .functional import accumulate_grad, autograd_leaves, trainable
 
 METHODS = ("gradient", "loss", "hybrid")
 LEVELS = ("auto", "features", "params")
@@ -43,10 +43,6 @@ def imtl_weights(grads: torch.Tensor) -> torch.Tensor:
         return _gram_weights(g @ g.T)
 
 
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    """Add ``grad`` to ``param.grad`` (the trainer zeroes gradients before the step)."""
-    grad = grad.to(param.dtype)
-    param.grad = grad if param.grad is None else param.grad + grad
 
 
 class IMTL(Combiner):
@@ -242,7 +238,7 @@ class IMTL(Combiner):
     def _backward_plain(self, total: torch.Tensor, ctx: StepContext | None) -> None:
         """Backward of ``total`` into the step's parameters it reaches, keeping the graph."""
         reached = {id(p) for p in autograd_leaves([total])}
-        inputs = [p for p in self._trainable(ctx, [total]) if id(p) in reached]
+        inputs = [p for p in trainable(ctx, [total]) if id(p) in reached]
         if inputs:
             total.backward(inputs=inputs, retain_graph=True)
 
@@ -273,12 +269,6 @@ class IMTL(Combiner):
         full[index] = alpha
         return full
 
-    @staticmethod
-    def _trainable(ctx: StepContext | None, losses: list[torch.Tensor]) -> list[torch.Tensor]:
-        if ctx is None:
-            return autograd_leaves(losses)
-        return [p for p in ctx.params if p.requires_grad]
-
     def _backward_sum(self, losses: list[torch.Tensor], factors: torch.Tensor, ctx: StepContext | None) -> None:
         """One backward of Σ_t f_t L_t into the step's parameters."""
         terms = [f * loss.reshape(()) for f, loss in zip(factors, losses) if loss.requires_grad]
@@ -289,7 +279,7 @@ class IMTL(Combiner):
             total.backward()
             return
         reached = {id(p) for p in autograd_leaves([total])}
-        inputs = [p for p in self._trainable(ctx, losses) if id(p) in reached]
+        inputs = [p for p in trainable(ctx, losses) if id(p) in reached]
         if inputs:
             total.backward(inputs=inputs)
 
@@ -302,7 +292,7 @@ class IMTL(Combiner):
         shared when two tasks give it a non-zero gradient (a task that reaches a parameter only through a
         stack of per-task tensors, like the soft-mode gates, gives it exact zeros).
         """
-        params = self._trainable(ctx, losses)
+        params = trainable(ctx, losses)
         ids = {id(p) for p in params}
         reach = [{id(p) for p in autograd_leaves([loss])} & ids for loss in losses]
         if not any(a & b for i, a in enumerate(reach) for b in reach[i + 1:]):
@@ -348,7 +338,7 @@ class IMTL(Combiner):
                 total.mul_(parts[0][0])
             for w, g in parts[1:]:
                 total.add_(g, alpha=w)
-            _accumulate(p, total)
+            accumulate_grad(p, total)
         return alpha
 
     def _backward_features(self, losses: list[torch.Tensor], factors: torch.Tensor,
@@ -356,7 +346,7 @@ class IMTL(Combiner):
         """Features level: α from the batch-summed gradients w.r.t. the shared tensor z."""
         z = ctx.feature
         assert z is not None
-        params = self._trainable(ctx, losses)
+        params = trainable(ctx, losses)
         trunk_ids = {id(p) for p in autograd_leaves([z])}
         trunk = [p for p in params if id(p) in trunk_ids]
         after = [p for p in params if id(p) not in trunk_ids]
@@ -385,5 +375,5 @@ class IMTL(Combiner):
             z.backward(combined, inputs=trunk)
         for p in after:
             if id(p) in own:
-                _accumulate(p, sum(own[id(p)]))  # type: ignore[arg-type]
+                accumulate_grad(p, sum(own[id(p)]))  # type: ignore[arg-type]
         return alpha

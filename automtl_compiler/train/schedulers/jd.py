@@ -18,7 +18,7 @@ from torch import nn
 
 from ...errors import AutomtlError
 from .base import Combiner, StepContext
-from .functional import autograd_leaves
+from .functional import accumulate_grad, autograd_leaves, trainable
 
 LEVELS = ("auto", "features", "params")
 #: torchjd's abstract bases, which cannot be built by name
@@ -166,14 +166,8 @@ class TorchJD(Combiner):
             self._backward_params(live, ctx)
         return torch.tensor(total)
 
-    @staticmethod
-    def _trainable(ctx: StepContext | None, losses: list[torch.Tensor]) -> list[torch.Tensor]:
-        if ctx is None:
-            return autograd_leaves(losses)
-        return [p for p in ctx.params if p.requires_grad]
-
     def _backward_features(self, losses: list[torch.Tensor], z: torch.Tensor, ctx: StepContext | None) -> None:
-        params = self._trainable(ctx, losses)
+        params = trainable(ctx, losses)
         trunk_ids = {id(p) for p in autograd_leaves([z])}
         trunk = [p for p in params if id(p) in trunk_ids]
         after = [p for p in params if id(p) not in trunk_ids]
@@ -190,10 +184,10 @@ class TorchJD(Combiner):
             z.backward(combined, inputs=trunk)
         for p in after:
             if id(p) in own:
-                _accumulate(p, own[id(p)])
+                accumulate_grad(p, own[id(p)])
 
     def _backward_params(self, losses: list[torch.Tensor], ctx: StepContext | None) -> None:
-        params = self._trainable(ctx, losses)
+        params = trainable(ctx, losses)
         per_task: list[list[torch.Tensor | None]] = []
         for i, loss in enumerate(losses):
             reached = {id(p) for p in autograd_leaves([loss])}
@@ -209,7 +203,7 @@ class TorchJD(Combiner):
             else:
                 parts = [row[k] for row in per_task if row[k] is not None]
                 if parts:
-                    _accumulate(p, sum(parts[1:], parts[0]))  # type: ignore[arg-type]
+                    accumulate_grad(p, sum(parts[1:], parts[0]))  # type: ignore[arg-type]
         if not shared:
             return
         jac = torch.stack([torch.cat([(row[k] if row[k] is not None else torch.zeros_like(params[k])).reshape(-1)
@@ -218,10 +212,7 @@ class TorchJD(Combiner):
         offset = 0
         for k in shared:
             p = params[k]
-            _accumulate(p, combined[offset:offset + p.numel()].reshape(p.shape))
+            accumulate_grad(p, combined[offset:offset + p.numel()].reshape(p.shape))
             offset += p.numel()
 
 
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    grad = grad.to(param.dtype)
-    param.grad = grad if param.grad is None else param.grad + grad
