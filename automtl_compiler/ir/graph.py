@@ -158,6 +158,10 @@ class Graph:
         """The underlying networkx graph (nodes carry the Node under the key 'node'); read it, don't edit it."""
         return self._g
 
+    def upstream(self, name: str) -> set[str]:
+        """``name`` and every node it depends on."""
+        return nx.ancestors(self.nx, name) | {name}
+
     def copy(self) -> Graph:
         """A deep copy: passes transform copies, never their input."""
         return copy.deepcopy(self)

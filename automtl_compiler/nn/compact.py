@@ -25,23 +25,22 @@ from .policy import Policy
 from .supermodel import SuperModel
 
 
-def _module_tensors(module: nn.Module, memo: dict[int, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(params, buffers) of a conv or batch-norm module as detached copies, one copy per source tensor."""
+def _module_tensors(module: nn.Module, memo: dict[int, torch.Tensor],
+                    copy_tensors: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(params, buffers) of a conv or batch-norm module, detached (and copied when ``copy_tensors``), one
+    tensor per source tensor."""
     def own(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in memo:
-            memo[id(t)] = t.detach().clone()
+            memo[id(t)] = t.detach().clone() if copy_tensors else t.detach()
         return memo[id(t)]
     params = {k: own(v) for k, v in module.named_parameters(recurse=False)}
     buffers = {k: own(v) for k, v in module.named_buffers(recurse=False) if v is not None}
     return params, buffers
 
 
-def prune(supermodel: SuperModel, policy: Policy, *, fold_bn: bool = False) -> CompactModel:
-    """Prune ``supermodel`` to the discrete ``policy``; the result owns copies of the weights it keeps.
-
-    ``fold_bn`` folds every conv + batch norm into one conv (inference only: the model then has no
-    batch-norm statistics to update).
-    """
+def pruned_graph(supermodel: SuperModel, policy: Policy, *, copy_tensors: bool = True) -> Graph:
+    """The IR of ``supermodel`` pruned to ``policy`` (see ``passes.prune``). With ``copy_tensors=False`` its
+    nodes hold the SuperModel's own tensors (detached, not copied): enough to count its cost."""
     policy.check(supermodel.tasks, supermodel.unit_names)
     memo: dict[int, torch.Tensor] = {}
 
@@ -50,14 +49,23 @@ def prune(supermodel: SuperModel, policy: Policy, *, fold_bn: bool = False) -> C
         if key is None:
             return {}, {}
         if kind == "backbone":
-            return _module_tensors(supermodel.backbone[key], memo)
+            return _module_tensors(supermodel.backbone[key], memo, copy_tensors)
         if kind in ("specific_conv", "specific_bn"):
-            return _module_tensors(supermodel.specific[key][task][kind.split("_")[1]], memo)
+            return _module_tensors(supermodel.specific[key][task][kind.split("_")[1]], memo, copy_tensors)
         if kind in ("skip_conv", "skip_bn"):
-            return _module_tensors(getattr(supermodel.skip[key][task], kind.split("_")[1]), memo)
+            return _module_tensors(getattr(supermodel.skip[key][task], kind.split("_")[1]), memo, copy_tensors)
         return {}, {}
 
-    graph = prune_graph(supermodel.mt, policy.choices, tensors)
+    return prune_graph(supermodel.mt, policy.choices, tensors)
+
+
+def prune(supermodel: SuperModel, policy: Policy, *, fold_bn: bool = False) -> CompactModel:
+    """Prune ``supermodel`` to the discrete ``policy``; the result owns copies of the weights it keeps.
+
+    ``fold_bn`` folds every conv + batch norm into one conv (inference only: the model then has no
+    batch-norm statistics to update).
+    """
+    graph = pruned_graph(supermodel, policy)
     if fold_bn:
         graph = fold_batchnorm(graph)
     heads = {t: copy.deepcopy(supermodel.heads[t]) for t in supermodel.tasks}
@@ -121,10 +129,7 @@ class CompactModel(nn.Module):
 
     def task_nodes(self, task: str) -> list[str]:
         """IR nodes that ``task`` needs (its output and everything upstream)."""
-        import networkx as nx
-
-        out = self.graph.outputs[self.tasks.index(task)]
-        return sorted(nx.ancestors(self.graph.nx, out) | {out})
+        return sorted(self.graph.upstream(self.graph.outputs[self.tasks.index(task)]))
 
     def num_parameters(self) -> int:
         """Parameters of the compact model, each shared tensor counted once, heads included."""

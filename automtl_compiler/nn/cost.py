@@ -7,12 +7,14 @@ and uses torch's FLOP counter for the heads, which every task runs once either w
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..ir.graph import Graph
 from .heads import apply_head
 from .policy import Policy
 from .supermodel import SuperModel
@@ -37,29 +39,34 @@ def head_macs(head: nn.Module, feature_shape: tuple[int, ...], input_shape: tupl
     return counter.get_total_flops() // 2
 
 
-def compact_cost(compact: CompactModel) -> dict[str, Any]:
+def graph_cost(graph: Graph, tasks: list[str], heads: Mapping[str, nn.Module]) -> dict[str, Any]:
     """Multiply-accumulates per sample (the IR's FLOP rules: convolutions as multiply-accumulates,
-    normalisation and elementwise ops per element) of ``compact``: all tasks in one call (``all_tasks``: shared work once)
-    and the tasks one after the other (``one_by_one``: each task's own path, shared work again for every
-    task), heads included; ``ratio`` = all_tasks / one_by_one (1/T when everything is shared, 1 when
-    nothing is)."""
-    graph = compact.graph
+    normalisation and elementwise ops per element) of a pruned graph with one output per task and the
+    tasks' heads: all tasks in one call (``all_tasks``: shared work once) and the tasks one after the other
+    (``one_by_one``: each task's own path, shared work again for every task), heads included; ``ratio`` =
+    all_tasks / one_by_one (1/T when everything is shared, 1 when nothing is)."""
     inputs = [n for n in graph.nodes() if n.op == "input"]
     batch = max(1, inputs[0].shape[0])  # the graph's recorded batch; counts are per sample
     per_task = {}
-    heads = 0
-    for task, out in zip(compact.tasks, graph.outputs):
-        head = head_macs(compact.heads[task], graph.node(out).shape, inputs[0].shape)
-        heads += head
-        per_task[task] = sum(graph.node_flops(graph.node(n)) for n in compact.task_nodes(task)) // batch + head
-    all_tasks = graph.flops() // batch + heads
+    head_total = 0
+    for task, out in zip(tasks, graph.outputs):
+        head = head_macs(heads[task], graph.node(out).shape, inputs[0].shape)
+        head_total += head
+        per_task[task] = sum(graph.node_flops(graph.node(n)) for n in graph.upstream(out)) // batch + head
+    all_tasks = graph.flops() // batch + head_total
     one_by_one = sum(per_task.values())
     return {"all_tasks": all_tasks, "one_by_one": one_by_one, "per_task": per_task,
             "ratio": all_tasks / one_by_one if one_by_one else 1.0}
 
 
-def policy_cost(supermodel: SuperModel, policy: Policy) -> dict[str, Any]:
-    """:func:`compact_cost` of ``supermodel`` pruned to ``policy``."""
-    from .compact import prune
+def compact_cost(compact: CompactModel) -> dict[str, Any]:
+    """:func:`graph_cost` of a compact model."""
+    return graph_cost(compact.graph, compact.tasks, compact.heads)
 
-    return compact_cost(prune(supermodel, policy))
+
+def policy_cost(supermodel: SuperModel, policy: Policy) -> dict[str, Any]:
+    """:func:`graph_cost` of ``supermodel`` pruned to ``policy``, without copying weights or generating
+    code (the sample stage prices every candidate)."""
+    from .compact import pruned_graph
+
+    return graph_cost(pruned_graph(supermodel, policy, copy_tensors=False), supermodel.tasks, supermodel.heads)
