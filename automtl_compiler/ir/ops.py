@@ -24,6 +24,7 @@ from torch import nn
 from .. import limits
 from ..errors import GraphError, ShapeError
 from . import functional as AF
+from .modules import LayerNormDim, StdConv2d, StoredTensor
 
 Shape = tuple[int, ...]
 REQUIRED = object()
@@ -339,6 +340,8 @@ def _conv_params(a: dict[str, Any], ins: list[Shape]) -> dict[str, Shape]:
     shapes = {"weight": (a["out_channels"], cin // a["groups"], *a["kernel_size"])}
     if a["bias"]:
         shapes["bias"] = (a["out_channels"],)
+    if a["weight_gain"]:
+        shapes["gain"] = (a["out_channels"], 1, 1, 1)
     return shapes
 
 
@@ -361,24 +364,42 @@ def _conv_init(a: dict[str, Any], shapes: dict[str, Shape], gen: torch.Generator
     out = {"weight": torch.randn(w, generator=gen) * math.sqrt(2.0 / fan_out)}
     if "bias" in shapes:
         out["bias"] = torch.zeros(shapes["bias"])
+    if "gain" in shapes:
+        out["gain"] = torch.ones(shapes["gain"])
     return out
 
 
 def _conv_lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Lowering:
     w = p["weight"]
-    m = nn.Conv2d(w.shape[1] * a["groups"], a["out_channels"], a["kernel_size"], a["stride"], a["padding"],
-                  a["dilation"], a["groups"], bias=a["bias"], device="meta")
+    args = (w.shape[1] * a["groups"], a["out_channels"], a["kernel_size"], a["stride"], a["padding"],
+            a["dilation"], a["groups"])
+    if a["weight_std"] is None:
+        m: nn.Conv2d = nn.Conv2d(*args, bias=a["bias"], device="meta")
+    else:
+        m = StdConv2d(*args, bias=a["bias"], device="meta", eps=a["weight_std"], scale=a["weight_scale"],
+                      gain=a["weight_gain"])
+        if a["weight_gain"]:
+            m.gain = nn.Parameter(p["gain"])
     m.weight = nn.Parameter(w)
     if a["bias"]:
         m.bias = nn.Parameter(p["bias"])
     return Lowering(module=m)
 
 
+def _check_std_conv(a: dict[str, Any], where: str) -> None:
+    _check_conv(a, where)
+    if a["weight_std"] is None and (a["weight_gain"] or a["weight_scale"] != 1.0):
+        raise GraphError(f"{where}: attributes 'weight_gain'/'weight_scale' need 'weight_std' (the eps of weight "
+                         "standardisation)")
+
+
 register(OpDef(
-    name="conv2d", doc="2-D convolution (cross-correlation), symmetric zero padding.",
+    name="conv2d", doc="2-D convolution (cross-correlation), symmetric zero padding; optionally with the weight "
+                       "standardised per output channel on every call (weight_std = its eps; NF-ResNet, BiT).",
     attrs={"out_channels": Attr("int", low=1, limit="MAX_CHANNELS"), "kernel_size": _KERNEL, "stride": _STRIDE,
            "padding": _PADDING, "dilation": _DILATION, "groups": Attr("int", 1, low=1, limit="MAX_CHANNELS"),
-           "bias": Attr("bool", False)}, check=_check_conv,
+           "bias": Attr("bool", False), "weight_std": Attr("float", None, above=0.0),
+           "weight_gain": Attr("bool", False), "weight_scale": Attr("float", 1.0)}, check=_check_std_conv,
     shape=_conv_shape, params=_conv_params, flops=_conv_flops, init=_conv_init, lower=_conv_lower,
 ))
 
@@ -585,9 +606,18 @@ def _pad_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
     return (x[0], x[1], h, w)
 
 
-register(OpDef(name="pad", doc="Zero padding of the last two dims as (left, right, top, bottom); negative crops.",
-               attrs={"pads": Attr("ints", length=4)}, check=_check_pads, shape=_pad_shape, flops=_free,
-               lower=lambda a, p, b: Lowering(function=F.pad, kwargs={"pad": a["pads"]})))
+def _check_pad_mode(a: dict[str, Any], where: str) -> None:
+    _check_pads(a, where)
+    if a["mode"] != "constant" and min(a["pads"]) < 0:
+        raise GraphError(f"{where}: negative pads (a crop) need mode 'constant', got mode '{a['mode']}'")
+
+
+register(OpDef(name="pad", doc="Padding of the last two dims as (left, right, top, bottom): constant (value), "
+                               "reflect or replicate; negative amounts crop.",
+               attrs={"pads": Attr("ints", length=4), "mode": Attr("str", "constant",
+                                                                   choices=("constant", "reflect", "replicate")),
+                      "value": Attr("float", 0.0)},
+               check=_check_pad_mode, shape=_pad_shape, flops=_free, lower=_fn(AF.pad2d)))
 
 # ---------------------------------------------------------------- reshaping and dense
 
@@ -607,9 +637,9 @@ register(OpDef(name="flatten", doc="Merge dimensions start_dim..end_dim into one
 
 
 def _linear_params(a: dict[str, Any], ins: list[Shape]) -> dict[str, Shape]:
-    if len(ins[0]) != 2:
-        raise ShapeError(f"linear needs a 2-D input [N, features], got {list(ins[0])}; flatten it first")
-    shapes = {"weight": (a["out_features"], ins[0][1])}
+    if len(ins[0]) < 2:
+        raise ShapeError(f"linear needs an input [N, ..., features], got {list(ins[0])}")
+    shapes = {"weight": (a["out_features"], ins[0][-1])}
     if a["bias"]:
         shapes["bias"] = (a["out_features"],)
     return shapes
@@ -617,7 +647,7 @@ def _linear_params(a: dict[str, Any], ins: list[Shape]) -> dict[str, Shape]:
 
 def _linear_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:
     _linear_params(a, ins)
-    return (ins[0][0], a["out_features"])
+    return (*ins[0][:-1], a["out_features"])
 
 
 def _linear_init(a: dict[str, Any], shapes: dict[str, Shape], gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -637,10 +667,10 @@ def _linear_lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, to
     return Lowering(module=m)
 
 
-register(OpDef(name="linear", doc="Fully connected layer y = x W^T + b on a 2-D input.",
+register(OpDef(name="linear", doc="Fully connected layer y = x W^T + b over the last dim (features).",
                attrs={"out_features": Attr("int", low=1, limit="MAX_CHANNELS"), "bias": Attr("bool", True)},
                shape=_linear_shape, params=_linear_params, init=_linear_init, lower=_linear_lower,
-               flops=lambda a, ins, out: _numel(out) * ins[0][1]))
+               flops=lambda a, ins, out: _numel(out) * ins[0][-1]))
 
 
 def tensor_shapes(op: OpDef, attrs: dict[str, Any], in_shapes: list[Shape], where: str = "") -> dict[str, Shape]:
@@ -653,3 +683,6 @@ def tensor_shapes(op: OpDef, attrs: dict[str, Any], in_shapes: list[Shape], wher
     for key, shape in shapes.items():
         limits.check_tensor(shape, f"{op.name} tensor '{key}'", where)
     return shapes
+
+
+from . import ops_layout, ops_math  # noqa: E402,F401  (they register the remaining ops)

@@ -20,8 +20,8 @@ def fold_batchnorm(graph: Graph) -> Graph:
     skip: set[str] = set()
     for node in graph.topological_order():
         users = graph.consumers(node.name)
-        if node.op == "conv2d" and len(users) == 1 and graph.node(users[0]).op == "batchnorm2d" \
-                and node.name not in graph.outputs:
+        if node.op == "conv2d" and node.attrs["weight_std"] is None and len(users) == 1 \
+                and graph.node(users[0]).op == "batchnorm2d" and node.name not in graph.outputs:
             bn = graph.node(users[0])
             if "running_mean" in bn.buffers:
                 key = tuple(id(t) for t in (*node.params.values(), *bn.params.values(), *bn.buffers.values()))
