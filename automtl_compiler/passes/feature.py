@@ -5,15 +5,18 @@ from __future__ import annotations
 from ..errors import GraphError
 from ..ir.graph import Graph, Node
 
-_FLAT = {"flatten", "linear"}
+_REDUCTIONS = {"mean", "sum", "amax"}
 
 
 def _reduces_space(node: Node) -> bool:
-    if node.op in _FLAT:
+    """Whether ``node`` removes the spatial dimensions: global pooling, a spatial reduction, flatten, a
+    reshape to fewer dimensions or a linear layer on flat features."""
+    out = node.shape or ()
+    if node.op == "flatten" or (node.op in ("reshape", "linear") and len(out) < 4):
         return True
-    if node.op in ("adaptive_avgpool2d", "adaptive_maxpool2d"):
-        return tuple(node.attrs["output_size"]) == (1, 1)
-    if node.op == "mean":
+    if node.op in ("adaptive_avgpool2d", "adaptive_maxpool2d", "avgpool2d", "maxpool2d"):
+        return len(out) == 4 and out[2] * out[3] == 1
+    if node.op in _REDUCTIONS:
         return bool({d % 4 for d in node.attrs["dim"]} & {2, 3})
     return False
 
@@ -22,9 +25,10 @@ def find_feature_node(graph: Graph) -> str:
     """The last node with a spatial (4-D) output before global pooling or flatten.
 
     Walks the graph in order to the first node that removes the spatial dimensions (global pooling,
-    spatial mean, flatten, linear) for good - nothing after it is spatial again, which rules out the
-    pooling inside squeeze-excitation blocks - and returns its 4-D input; a graph with no such node (a
-    dense backbone such as AutoMTL's DeepLab ResNet) gives its single 4-D output.
+    a spatial mean, sum or max, flatten, linear) for good - nothing after it is spatial again, which
+    rules out the pooling inside squeeze-excitation and selective-kernel blocks - and returns its 4-D
+    input; a graph with no such node (a dense backbone such as AutoMTL's DeepLab ResNet) gives its single
+    4-D output.
     """
     import networkx as nx
 
@@ -38,11 +42,11 @@ def find_feature_node(graph: Graph) -> str:
             if src.shape is None or len(src.shape) != 4:
                 raise GraphError(f"{node.where} reduces a non-spatial tensor; name the feature node explicitly")
             return src.name
-    spatial = [o for o in graph.outputs if len(graph.node(o).shape or ()) == 4]
-    if len(spatial) != 1:
-        raise GraphError(f"graph '{graph.name}' has no global pooling and {len(spatial)} spatial outputs; "
+    spatial_outputs = [o for o in graph.outputs if len(graph.node(o).shape or ()) == 4]
+    if len(spatial_outputs) != 1:
+        raise GraphError(f"graph '{graph.name}' has no global pooling and {len(spatial_outputs)} spatial outputs; "
                          "name the feature node explicitly (feature_node=...)")
-    return spatial[0]
+    return spatial_outputs[0]
 
 
 def truncate(graph: Graph, feature_node: str) -> Graph:
