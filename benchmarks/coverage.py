@@ -67,14 +67,19 @@ def _compare(got: torch.Tensor, want: torch.Tensor) -> str:
 def _cell(fn: Callable[[], str]) -> str:
     try:
         return fn()
-    except Exception as e:  # the table records every kind of failure, with its message
+    except Exception as e:  # noqa: BLE001  (the table records every kind of failure, with its message)
         text = " ".join(str(e).split())
         return f"FAIL: {type(e).__name__}: {text[:150]}"
 
 
 def check(name: str, shape: tuple[int, ...], tmp: Path) -> dict[str, Any]:
     """All columns for one model."""
-    from automtl_compiler import build_supermodel, export_prototxt, load_backbone, to_torch
+    from automtl_compiler import (
+        build_supermodel,
+        export_prototxt,
+        load_backbone,
+        to_torch,
+    )
     from automtl_compiler.nn.heads import ASPPHead, ClassificationHead
 
     model = randomised(name)

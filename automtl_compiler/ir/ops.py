@@ -24,7 +24,7 @@ from torch import nn
 from .. import limits
 from ..errors import GraphError, ShapeError
 from . import functional as AF
-from .modules import LayerNormDim, StdConv2d, StoredTensor
+from .modules import StdConv2d
 
 Shape = tuple[int, ...]
 REQUIRED = object()
@@ -685,4 +685,4 @@ def tensor_shapes(op: OpDef, attrs: dict[str, Any], in_shapes: list[Shape], wher
     return shapes
 
 
-from . import ops_layout, ops_math  # noqa: E402,F401  (they register the remaining ops)
+from . import ops_layout, ops_math  # noqa: F401  (they register the remaining ops)

@@ -14,8 +14,19 @@ import torch
 from ..errors import GraphError, ShapeError
 from . import functional as AF
 from .modules import StoredTensor
-from .ops import (REQUIRED, Attr, Lowering, OpDef, Shape, _check_dim, _fn, _free, _need_rank, _numel,
-                  register)
+from .ops import (
+    REQUIRED,
+    Attr,
+    Lowering,
+    OpDef,
+    Shape,
+    _check_dim,
+    _fn,
+    _free,
+    _need_rank,
+    _numel,
+    register,
+)
 
 
 def _tensor_shape(a: dict[str, Any], ins: list[Shape]) -> Shape:

@@ -13,9 +13,27 @@ from torch import nn
 from ..errors import GraphError, ShapeError
 from . import functional as AF
 from .modules import LayerNormDim
-from .ops import (_DILATION, _KERNEL, _PADDING, _STRIDE, Attr, Lowering, OpDef, Shape, _broadcast, _check_conv,
-                  _check_dim, _conv_init, _elementwise_flops, _fn, _mean_shape, _need_rank, _numel, _same,
-                  register)
+from .ops import (
+    _DILATION,
+    _KERNEL,
+    _PADDING,
+    _STRIDE,
+    Attr,
+    Lowering,
+    OpDef,
+    Shape,
+    _broadcast,
+    _check_conv,
+    _check_dim,
+    _conv_init,
+    _elementwise_flops,
+    _fn,
+    _mean_shape,
+    _need_rank,
+    _numel,
+    _same,
+    register,
+)
 
 for _name, _f, _doc in [
     ("exp", torch.exp, "e ** x"), ("log", torch.log, "natural logarithm"), ("sqrt", torch.sqrt, "square root"),
