@@ -148,7 +148,7 @@ def main(debug: bool) -> None:
     """automtl: compile CNN backbones into multi-task networks.
 
     SOURCE arguments accept a .prototxt (AutoMTL or Caffe), an .onnx file, an automtl graph .json,
-    torchvision:NAME or package.module:function; --weights gives them pretrained weights.
+    torchvision:NAME, timm:NAME or package.module:function; --weights gives them pretrained weights.
     """
 
 

@@ -21,7 +21,8 @@ def load_backbone(source: Any, *, input_shape: tuple[int, ...] | None = None,
 
     ``source`` is an ``nn.Module`` (traced with torch.fx), a ``.prototxt`` path (AutoMTL dialect or
     genuine Caffe), an ``.onnx`` path, a graph ``.json`` written by :func:`save_graph`, or
-    ``torchvision:NAME`` (a torchvision model; nothing is downloaded), or ``package.module:function`` (your
+    ``torchvision:NAME`` or ``timm:NAME`` (a torchvision or timm model with random weights; nothing is
+    downloaded), or ``package.module:function`` (your
     code: the function is called with no arguments and must return an ``nn.Module``). ``input_shape`` overrides the shape a
     file declares (and is the tracing shape for modules, default ``(1, 3, 224, 224)``). A relative
     ``models/NAME.prototxt`` that does not exist in the working directory is the one installed with the
@@ -45,11 +46,14 @@ def load_backbone(source: Any, *, input_shape: tuple[int, ...] | None = None,
         return _from_module(source, input_shape, weights, strict)
     if not isinstance(source, (str, Path)):
         raise AutomtlError(f"cannot load a backbone from a {type(source).__name__}; give an nn.Module, "
-                           "a .prototxt, .onnx or .json path, or torchvision:NAME")
+                           "a .prototxt, .onnx or .json path, torchvision:NAME or timm:NAME")
     text = str(source)
     if text.startswith("torchvision:"):
         from .fx import torchvision_model
         return _from_module(torchvision_model(text.split(":", 1)[1]), input_shape, weights, strict)
+    if text.startswith("timm:"):
+        from .zoo import timm_model
+        return _from_module(timm_model(text.split(":", 1)[1]), input_shape, weights, strict)
     if ENTRY.fullmatch(text):
         return _from_module(_call_entry(text), input_shape, weights, strict)
     path = Path(text)
@@ -73,10 +77,10 @@ def load_backbone(source: Any, *, input_shape: tuple[int, ...] | None = None,
             graph.materialise(seed=0)
         return graph
     if not path.exists():
-        raise FileFormatError(f"{path}: no such file (and not torchvision:NAME or package.module:function); "
+        raise FileFormatError(f"{path}: no such file (and not torchvision:NAME, timm:NAME or package.module:function); "
                               "check the path")
     raise FileFormatError(f"{path}: unknown backbone format '{suffix or 'no suffix'}'; use .prototxt, .onnx, "
-                          ".json, torchvision:NAME, package.module:function, or pass an nn.Module")
+                          ".json, torchvision:NAME, timm:NAME, package.module:function, or pass an nn.Module")
 
 
 def _builtin_model(path: Path) -> Path:
