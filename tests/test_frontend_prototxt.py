@@ -310,7 +310,7 @@ def test_unknown_layer_type_names_layer_type_and_line(tmp_path):
     assert f"{path}:11" in msg and "'weird'" in msg and "'Bogus'" in msg and "Convolution" in msg
 
 
-@pytest.mark.parametrize("kind,match", [("Softmax", "softmax"), ("PReLU", "PReLU")])
+@pytest.mark.parametrize("kind,match", [("SoftmaxWithLoss", "training nets"), ("Accuracy", "deploy prototxt")])
 def test_layers_without_registry_op(tmp_path, kind, match):
     path = write(tmp_path, SMALL + f'layer {{ name: "x" type: "{kind}" bottom: "conv" top: "x" }}\n')
     with pytest.raises(UnsupportedOpError, match=match):

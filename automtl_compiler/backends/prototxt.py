@@ -21,11 +21,26 @@ automtl extensions (upstream Caffe does not read these; the frontend does)
     * Adaptive pooling to a size other than (1, 1) is a ``global_pooling`` layer refined by
       ``pooling_param.adaptive_output_size: [h, w]``.
 
-Attributes the schema has no place for are refused with a clear error rather than dropped: gelu with
-``approximate='tanh'``, row-less stochastic depth, pooling with dilation, average pooling that excludes
-padding, mean over other dimensions. A prototxt's
-outputs are the blobs no layer reads, in layer order, so a graph whose outputs are read by other nodes
-(or that has dead nodes) cannot be written either.
+Upstream Caffe layers for the other ops
+    ``lrn`` -> ``LRN`` (``within`` -> WITHIN_CHANNEL, which fixes k = 1); ``softmax`` -> ``Softmax``;
+    ``affine`` -> ``Power``, and ``sqrt`` / ``reciprocal`` -> ``Power`` with power 0.5 / -1;
+    ``conv_transpose2d`` -> ``Deconvolution``; ``reshape`` -> ``Reshape`` (``dim: 0`` keeps the batch);
+    ``prelu`` -> ``PReLU``; ``elu`` -> ``ELU``; ``abs`` / ``exp`` / ``log`` -> ``AbsVal`` / ``Exp`` /
+    ``Log``; ``softplus`` (beta 1, threshold 20) -> ``BNLL``; ``sub`` -> ``Eltwise`` SUM with coefficients
+    1, -1. ``slice`` (step 1, not along the batch axis) -> a ``Slice`` layer ``N`` whose top ``N`` is the
+    kept piece; the pieces before and after it (tops ``N/before``, ``N/after``) go to a ``Silence`` layer
+    ``N/unused``. ``pad`` with no positive amount (a crop) -> such a ``Slice`` along the width (layer
+    ``N/axis3``, when it is cut) and one along the height (``N``); a Slice of everything when nothing is cut.
+    These read back as ``slice`` nodes.
+
+Ops Caffe has no layer for (``tensor``, ``div``, ``permute``, ``resize``, ``layernorm``, ``groupnorm``,
+``sum``, ``amax``, ``erf``, ``mish``, ...) are refused with an UnsupportedOpError naming the node and op,
+as are attributes the schema has no place for rather than dropped: gelu with ``approximate='tanh'``,
+row-less stochastic depth, pooling with dilation, average pooling that excludes padding, mean over other
+dimensions, a transposed convolution's ``output_padding``, positive padding, strided slices, softplus
+other than BNLL's. A prototxt's outputs are the blobs no layer reads, in layer order, so a graph whose
+outputs are read by other nodes (or that has dead nodes) cannot be written either; layer and blob names
+must not repeat.
 """
 
 from __future__ import annotations
@@ -42,7 +57,10 @@ from ..ir.serialize import atomic_write, graph_tensors
 from ..proto import caffe_pb2
 
 _SIMPLE_TYPES = {"relu": "ReLU", "relu6": "ReLU6", "silu": "Swish", "sigmoid": "Sigmoid", "tanh": "TanH",
-                 "hardswish": "HardSwish", "hardsigmoid": "HardSigmoid", "identity": "Identity"}
+                 "hardswish": "HardSwish", "hardsigmoid": "HardSigmoid", "identity": "Identity", "abs": "AbsVal",
+                 "exp": "Exp", "log": "Log"}
+#: ``Power`` layers (power, scale, shift) for unary ops that are powers.
+_POWERS = {"sqrt": 0.5, "reciprocal": -1.0}
 
 
 def _set_pair(param: Any, name: str, value: tuple[int, int], *, repeated: bool,
@@ -64,19 +82,59 @@ def _set_pair(param: Any, name: str, value: tuple[int, int], *, repeated: bool,
         getattr(param, name).extend(value)
 
 
+def _conv_param(p: Any, a: dict[str, Any]) -> None:
+    """Fill a ConvolutionParameter from conv2d / conv_transpose2d attributes."""
+    p.num_output = a["out_channels"]
+    p.bias_term = a["bias"]
+    _set_pair(p, "pad", a["padding"], repeated=True)
+    _set_pair(p, "kernel_size", a["kernel_size"], repeated=True)
+    _set_pair(p, "stride", a["stride"], repeated=True)
+    _set_pair(p, "dilation", a["dilation"], repeated=True, skip_default=1)
+    if a["groups"] != 1:
+        p.group = a["groups"]
+
+
 class _Writer:
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self.net = caffe_pb2.NetParameter(name=graph.name)
         self.blob: dict[str, str] = {}
+        self.layer_names: set[str] = set()
+        self.top_names: set[str] = set()
+
+    def add(self, node: Node, name: str, kind: str, bottoms: list[str], tops: list[str]) -> Any:
+        """A new layer; no earlier layer may have its name, nor write one of its tops."""
+        for used, names in [(name, self.layer_names), *((t, self.top_names) for t in tops)]:
+            if used in names:
+                raise GraphError(f"export_prototxt: {node.where}: the layer or blob name '{used}' would be used "
+                                 "twice; rename the node")
+            names.add(used)
+        layer = self.net.layer.add(name=name, type=kind)
+        layer.bottom.extend(bottoms)
+        layer.top.extend(tops)
+        return layer
 
     def layer(self, node: Node, kind: str, *, name: str | None = None, top: str | None = None,
               bottoms: list[str] | None = None) -> Any:
-        layer = self.net.layer.add(name=name or node.name, type=kind)
-        layer.bottom.extend(bottoms if bottoms is not None else [self.blob[i] for i in node.inputs])
-        layer.top.append(top or node.name)
+        """The layer of ``node`` (named after it unless ``name``), reading its inputs' blobs unless ``bottoms``."""
+        layer = self.add(node, name or node.name, kind,
+                         bottoms if bottoms is not None else [self.blob[i] for i in node.inputs], [top or node.name])
         self.blob[node.name] = top or node.name
         return layer
+
+    def input_shape(self, node: Node) -> tuple[int, ...]:
+        return tuple(self.graph.node(node.inputs[0]).shape or ())
+
+    def cut(self, node: Node, bottom: str, name: str, axis: int, span: tuple[int, int], size: int) -> None:
+        """A Slice layer ``name`` keeping ``span`` of ``axis`` (of ``size``) as top ``name``; the other pieces
+        go to a Silence layer ``name/unused``."""
+        start, end = span
+        before, after = [f"{name}/before"] if start > 0 else [], [f"{name}/after"] if end < size else []
+        p = self.add(node, name, "Slice", [bottom], [*before, name, *after]).slice_param
+        p.axis = axis
+        p.slice_point.extend([*([start] if before else []), *([end] if after else [])])
+        if before or after:
+            self.add(node, f"{name}/unused", "Silence", [*before, *after], [])
 
     def refuse(self, node: Node, why: str) -> None:
         raise UnsupportedOpError(f"export_prototxt: {node.where} (op '{node.op}'): {why}; the Caffe schema has no "
@@ -99,15 +157,15 @@ class _Writer:
 
     def op_conv2d(self, node: Node) -> None:
         a = node.attrs
-        p = self.layer(node, "Convolution").convolution_param
-        p.num_output = a["out_channels"]
-        p.bias_term = a["bias"]
-        _set_pair(p, "pad", a["padding"], repeated=True)
-        _set_pair(p, "kernel_size", a["kernel_size"], repeated=True)
-        _set_pair(p, "stride", a["stride"], repeated=True)
-        _set_pair(p, "dilation", a["dilation"], repeated=True, skip_default=1)
-        if a["groups"] != 1:
-            p.group = a["groups"]
+        if a.get("weight_std") is not None or a.get("weight_gain") or a.get("weight_scale", 1.0) != 1.0:
+            self.refuse(node, "weight standardisation (fold it first with passes.fold_weights."
+                              "fold_weight_standardisation)")
+        _conv_param(self.layer(node, "Convolution").convolution_param, a)
+
+    def op_conv_transpose2d(self, node: Node) -> None:
+        if tuple(node.attrs["output_padding"]) != (0, 0):
+            self.refuse(node, f"output_padding {list(node.attrs['output_padding'])} (Caffe's Deconvolution has none)")
+        _conv_param(self.layer(node, "Deconvolution").convolution_param, node.attrs)
 
     def op_batchnorm2d(self, node: Node) -> None:
         a = node.attrs
@@ -206,9 +264,94 @@ class _Writer:
         p.axis, p.end_axis = node.attrs["start_dim"], node.attrs["end_dim"]
 
     def op_linear(self, node: Node) -> None:
+        rank = len(self.input_shape(node))
         p = self.layer(node, "InnerProduct").inner_product_param
         p.num_output = node.attrs["out_features"]
         p.bias_term = node.attrs["bias"]
+        if rank != 2:
+            p.axis = -1
+
+    def op_lrn(self, node: Node) -> None:
+        a = node.attrs
+        within = a["region"] == "within"
+        if within and a["k"] != 1.0:
+            self.refuse(node, f"k={a['k']} within a channel (Caffe's WITHIN_CHANNEL LRN fixes k = 1)")
+        if a["size"] % 2 == 0:
+            self.refuse(node, f"an even size {a['size']} (Caffe's LRN needs an odd local_size)")
+        p = self.layer(node, "LRN").lrn_param
+        p.local_size, p.alpha, p.beta = a["size"], a["alpha"], a["beta"]
+        if within:
+            p.norm_region = caffe_pb2.LRNParameter.WITHIN_CHANNEL
+        elif a["k"] != 1.0:
+            p.k = a["k"]
+
+    def op_softmax(self, node: Node) -> None:
+        p = self.layer(node, "Softmax").softmax_param
+        if node.attrs["dim"] != 1:
+            p.axis = node.attrs["dim"]
+
+    def _power(self, node: Node, power: float = 1.0, scale: float = 1.0, shift: float = 0.0) -> None:
+        p = self.layer(node, "Power").power_param
+        for key, value, default in (("power", power, 1.0), ("scale", scale, 1.0), ("shift", shift, 0.0)):
+            if value != default:
+                setattr(p, key, value)
+
+    def op_affine(self, node: Node) -> None:
+        self._power(node, node.attrs["power"], node.attrs["scale"], node.attrs["shift"])
+
+    def op_sqrt(self, node: Node) -> None:
+        self._power(node, _POWERS["sqrt"])
+
+    def op_reciprocal(self, node: Node) -> None:
+        self._power(node, _POWERS["reciprocal"])
+
+    def op_softplus(self, node: Node) -> None:
+        if (node.attrs["beta"], node.attrs["threshold"]) != (1.0, 20.0):
+            self.refuse(node, f"beta={node.attrs['beta']}, threshold={node.attrs['threshold']} (Caffe's BNLL is "
+                              "softplus with beta 1)")
+        self.layer(node, "BNLL")
+
+    def op_elu(self, node: Node) -> None:
+        self.layer(node, "ELU").elu_param.alpha = node.attrs["alpha"]
+
+    def op_prelu(self, node: Node) -> None:
+        p = self.layer(node, "PReLU").prelu_param
+        if node.attrs["num_parameters"] == 1:
+            p.channel_shared = True
+
+    def op_sub(self, node: Node) -> None:
+        self._eltwise(node, caffe_pb2.EltwiseParameter.SUM).coeff.extend([1.0, -1.0])
+
+    def op_reshape(self, node: Node) -> None:
+        self.layer(node, "Reshape").reshape_param.shape.dim.extend([0, *node.attrs["shape"]])
+
+    def op_slice(self, node: Node) -> None:
+        a, shape = node.attrs, self.input_shape(node)
+        axis = a["dim"] % len(shape)
+        if axis == 0:
+            self.refuse(node, "a slice of the batch axis 0")
+        if a["step"] != 1:
+            self.refuse(node, f"step {a['step']} (Caffe's Slice cuts contiguous pieces)")
+        start, end, _ = slice(a["start"], a["end"]).indices(shape[axis])
+        if end <= start:
+            self.refuse(node, f"an empty slice [{a['start']}:{a['end']}] of an axis of {shape[axis]}")
+        self.cut(node, self.blob[node.inputs[0]], node.name, axis, (start, end), shape[axis])
+        self.blob[node.name] = node.name
+
+    def op_pad(self, node: Node) -> None:
+        left, right, top, bottom = node.attrs["pads"]
+        shape = self.input_shape(node)
+        if max(left, right, top, bottom) > 0:
+            self.refuse(node, f"padding {[left, right, top, bottom]} (Caffe has no padding layer; only crops, "
+                              "i.e. pads <= 0, are written, as Slice layers)")
+        rank, src = len(shape), self.blob[node.inputs[0]]
+        cuts = [(rank - 1, -left, shape[-1] + right), (rank - 2, -top, shape[-2] + bottom)]
+        cuts = [c for c in cuts if (c[1], c[2]) != (0, shape[c[0]])] or [(1, 0, shape[1])]
+        for i, (axis, start, end) in enumerate(cuts):
+            name = node.name if i == len(cuts) - 1 else f"{node.name}/axis{axis}"
+            self.cut(node, src, name, axis, (start, end), shape[axis])
+            src = name
+        self.blob[node.name] = node.name
 
 
 def _check_outputs(graph: Graph, order: list[Node]) -> None:
@@ -217,12 +360,6 @@ def _check_outputs(graph: Graph, order: list[Node]) -> None:
         raise GraphError(f"export_prototxt: graph '{graph.name}' has outputs {graph.outputs}, but a prototxt's "
                          f"outputs are the blobs no layer reads, in layer order, which would be {unread}. Remove "
                          "dead nodes, and add an identity node for an output that other nodes also read")
-    blobs: set[str] = set()
-    for n in order:
-        for name in (n.name, f"{n.name}/pool", f"{n.name}/flatten") if n.op == "mean" else (n.name,):
-            if name in blobs:
-                raise GraphError(f"export_prototxt: {n.where}: the layer or blob name '{name}' would be used twice")
-            blobs.add(name)
 
 
 def export_prototxt(graph: Graph, path: str | Path, *, weights: bool = True, comment: str | None = None) -> Path:

@@ -22,9 +22,23 @@ Inputs
 Blobs
     In-place layers (``top`` equal to ``bottom``) are fine: every layer makes a new IR node, and a
     later reader of a blob name sees its latest producer. ``Split`` layers alias their tops to their
-    bottom; ``Silence`` layers only mark their bottoms as read. Any other layer with several tops is
-    an error (AutoMTL's own parser silently keeps one). The graph's outputs are the values that no
-    layer reads, in layer order (graph inputs excepted).
+    bottom (one blob, many consumers); ``Silence`` layers only mark their bottoms as read; ``Slice``
+    makes one node per top that is read. Any other layer with several tops is an error (AutoMTL's own
+    parser silently keeps one). The graph's outputs are the values that no layer reads, in layer order
+    (graph inputs excepted, and the reference blob of a ``Crop``, which Caffe reads for its shape).
+
+Layer types
+    Input, Convolution, Deconvolution, InnerProduct (any ``axis`` after the batch axis; with
+    ``transpose: true`` a .caffemodel's [in, out] weight is transposed), BatchNorm (+ Scale), Pooling
+    (MAX/AVE, Caffe's default CEIL rounding, ``global_pooling``; an unpadded window as large as its
+    input, such as ResNet's and GoogLeNet's 7x7 ``pool5``, is read as global pooling), LRN, ReLU
+    (``negative_slope``), PReLU, ELU, Sigmoid, TanH, AbsVal, Exp and Log (base e: the schema has no
+    ``exp_param``), BNLL (softplus), Power, Clip, Dropout (identity in deploy), Eltwise (SUM with
+    ``coeff``, PROD, MAX), Concat, Slice, Split, Crop, Flatten, Reshape, Softmax, Silence; the types of
+    :mod:`automtl_compiler.frontends.caffe_layers` follow Caffe's semantics as that module says. A
+    *final* Softmax (one no layer reads) is dropped unless ``softmax="keep"``: a backbone ends at its
+    logits or features, and the trunk is cut before the classifier anyway. Loss, accuracy and data
+    layers belong to training nets and are refused with that advice.
 
 Batch normalisation
     Genuine Caffe's ``BatchNorm`` has no affine part; a ``Scale`` layer that is the next reader of
@@ -57,25 +71,23 @@ Weights
     layer the exporter wrote for that module (``layer1_0_conv1``; see
     :mod:`automtl_compiler.frontends.weights`), so torchvision's ImageNet ``resnet34`` file loads into
     ``models/deeplab_resnet34.prototxt`` with ``strict=False`` (its ``fc`` is not in the network). Or a
-    binary ``.caffemodel`` (``NetParameter`` with layer blobs: Convolution/InnerProduct weight and
-    bias; BatchNorm mean, variance and Caffe's moving-average normaliser, then weight and bias for an
-    affine AutoMTL batch norm; a folded Scale's gamma and beta). Every tensor the network needs must be
-    given with its shape (``num_batches_tracked`` may be absent); unexpected tensors are an error unless
-    ``strict=False``.
+    binary ``.caffemodel`` in the current or the V1 layer format (the BVLC model-zoo files), read as
+    :mod:`automtl_compiler.frontends.caffe_blobs` says: Convolution/Deconvolution/InnerProduct/PReLU
+    weight and bias; BatchNorm mean, variance and Caffe's moving-average normaliser, then weight and
+    bias for an affine AutoMTL batch norm; a folded Scale's gamma and beta. Every tensor the network
+    needs must be given with its shape (``num_batches_tracked`` may be absent; a Caffe blob may carry
+    extra size-1 axes); unexpected tensors are an error unless ``strict=False`` (a training net's
+    auxiliary classifiers, say).
 """
 
 from __future__ import annotations
 
 import re
-import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from google.protobuf import text_format
-from google.protobuf.message import DecodeError
 
 from ..errors import (
     AutomtlError,
@@ -89,6 +101,8 @@ from ..errors import (
 from ..ir.graph import Graph, Node
 from ..ir.ops import get_op, tensor_shapes
 from ..proto import caffe_pb2
+from .caffe_blobs import read_caffemodel
+from .caffe_layers import SOFTMAX_CHOICES, CaffeLayers, Folded, Layer, Unused, f32
 from .weights import (
     STATE_DICT_SUFFIXES,
     TORCH_SUFFIXES,
@@ -100,50 +114,23 @@ Shape = tuple[int, ...]
 
 #: Layer types whose only effect is a registry op without attributes.
 _SIMPLE = {"ReLU6": "relu6", "Sigmoid": "sigmoid", "TanH": "tanh", "Swish": "silu", "HardSwish": "hardswish",
-           "HardSigmoid": "hardsigmoid", "Identity": "identity"}
+           "HardSigmoid": "hardsigmoid", "Identity": "identity", "AbsVal": "abs", "Exp": "exp", "Log": "log",
+           "BNLL": "softplus"}
 #: Types with no registry op, and what to tell the user.
+_TRAINING = "belongs to training nets; use the deploy prototxt (the one with an Input layer or `input:`)"
 _NO_OP = {
-    "Softmax": "the op registry has no softmax; cut the network before it (backbones end at features or logits)",
-    "SoftmaxWithLoss": "loss layers belong to training nets; use the deploy prototxt",
-    "Deconvolution": "the op registry has no transposed convolution",
-    "PReLU": "the op registry has no learnable-slope ReLU",
-    "ELU": "the op registry has no ELU",
-    "LRN": "the op registry has no local response normalisation",
+    "SoftmaxWithLoss": f"a loss layer {_TRAINING}",
+    "EuclideanLoss": f"a loss layer {_TRAINING}",
+    "SigmoidCrossEntropyLoss": f"a loss layer {_TRAINING}",
+    "Accuracy": f"an accuracy layer {_TRAINING}",
     "Data": "data layers are not part of a backbone; declare an Input layer or `input`/`input_dim` instead",
+    "ImageData": "data layers are not part of a backbone; declare an Input layer or `input`/`input_dim` instead",
 }
-_SUPPORTED = sorted({"Input", "Convolution", "BatchNorm", "Scale", "ReLU", "Clip", "Pooling", "Eltwise", "Concat",
-                     "Flatten", "InnerProduct", "Dropout", "StochasticDepth", "GELU", "Split", "Silence", *_SIMPLE})
+_SUPPORTED = sorted({"Input", "Convolution", "Deconvolution", "BatchNorm", "Scale", "ReLU", "PReLU", "ELU", "Clip",
+                     "Pooling", "LRN", "Eltwise", "Concat", "Slice", "Crop", "Flatten", "Reshape", "InnerProduct",
+                     "Softmax", "Power", "Dropout", "StochasticDepth", "GELU", "Split", "Silence", *_SIMPLE})
 _AUTOMTL_BN_FIELDS = ("track_running_stats", "momentum", "affine")
 _CAFFE_BN_FIELDS = ("use_global_stats", "moving_average_fraction")
-
-
-def f32(value: float) -> float:
-    """The shortest decimal that reads back as the same float32 (protobuf ``float`` fields are float32).
-
-    So ``eps: 1e-05`` becomes ``1e-05``, not ``9.99999974737875e-06``.
-    """
-    x32 = struct.unpack("f", struct.pack("f", value))[0]
-    for digits in range(1, 10):
-        short = float(f"{value:.{digits}g}")
-        if struct.unpack("f", struct.pack("f", short))[0] == x32:
-            return short
-    return x32
-
-
-@dataclass
-class _Folded:
-    """A blob whose value was folded away (pre-Scale batch norm output, pre-Flatten pooled mean)."""
-
-    reason: str
-
-
-@dataclass
-class _Layer:
-    """A layer to convert, with its index in the file and its line (None when not found)."""
-
-    index: int
-    proto: Any
-    line: int | None
 
 
 def _layer_lines(text: str, layers: list[Any]) -> list[int | None]:
@@ -208,26 +195,6 @@ def _in_test_net(layer: Any, level: int, stages: set[str]) -> bool:
     return not any(_rule_matches(r, level, stages) for r in layer.exclude)
 
 
-def _pair_field(p: Any, name: str, default: int, where: str) -> tuple[int, int]:
-    """A Convolution pad/kernel_size/stride/dilation: one value, or one per spatial axis; or ``name_h/_w``."""
-    base = name.replace("_size", "")
-    h, w = f"{base}_h", f"{base}_w"
-    if h in p.DESCRIPTOR.fields_by_name and (p.HasField(h) or p.HasField(w)):
-        if len(getattr(p, name)):
-            raise ParseError(f"{where}: both `{name}` and `{h}`/`{w}` are given; use one")
-        if base == "kernel" and not (p.HasField(h) and p.HasField(w)):
-            raise ParseError(f"{where}: `{h}` and `{w}` must be given together")
-        return (getattr(p, h) if p.HasField(h) else default, getattr(p, w) if p.HasField(w) else default)
-    values = list(getattr(p, name))
-    if not values:
-        return (default, default)
-    if len(values) == 1:
-        return (values[0], values[0])
-    if len(values) == 2:
-        return (values[0], values[1])
-    raise UnsupportedOpError(f"{where}: {len(values)} values of `{name}` (only 2-D convolutions are supported)")
-
-
 def _pool_pair(p: Any, name: str, default: int | None, where: str) -> tuple[int, int] | None:
     base = name.replace("_size", "")
     h, w = f"{base}_h", f"{base}_w"
@@ -243,18 +210,20 @@ def _pool_pair(p: Any, name: str, default: int | None, where: str) -> tuple[int,
     return None if default is None else (default, default)
 
 
-class _Builder:
+class _Builder(CaffeLayers):
     """Converts the layers of one NetParameter, in order, into a Graph."""
 
-    def __init__(self, path: Path, net: Any, text: str, input_shape: tuple[int, ...] | None) -> None:
+    def __init__(self, path: Path, net: Any, text: str, input_shape: tuple[int, ...] | None,
+                 softmax: str = "drop") -> None:
         self.path = path
         self.net = net
+        self.softmax = softmax
         self.graph = Graph(net.name or path.stem)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         level, stages = net.state.level, set(net.state.stage)
         lines = _layer_lines(text, list(net.layer))
-        self.layers = [_Layer(i, l, lines[i]) for i, l in enumerate(net.layer) if _in_test_net(l, level, stages)]
-        self.blobs: dict[str, str | _Folded] = {}
+        self.layers = [Layer(i, l, lines[i]) for i, l in enumerate(net.layer) if _in_test_net(l, level, stages)]
+        self.blobs: dict[str, str | Folded] = {}
         self.read_anywhere = {b for layer in self.layers for b in layer.proto.bottom}
         self.unread_inputs: list[str] = []
         self.produced: list[str] = []            # non-input nodes in the order they were made
@@ -265,13 +234,13 @@ class _Builder:
         self.automtl_dialect = self._uses_automtl_fields()
 
     # ------------------------------------------------------------ helpers
-    def loc(self, layer: _Layer) -> str:
+    def loc(self, layer: Layer) -> str:
         return f"{self.path}:{layer.line}" if layer.line else f"{self.path}"
 
-    def describe(self, layer: _Layer) -> str:
+    def describe(self, layer: Layer) -> str:
         return f"{self.loc(layer)}: layer '{layer.proto.name}' (type {layer.proto.type})"
 
-    def source(self, layer: _Layer) -> str:
+    def source(self, layer: Layer) -> str:
         return f"{self.path.name}:{layer.line}" if layer.line else self.path.name
 
     def _uses_automtl_fields(self) -> bool:
@@ -294,10 +263,10 @@ class _Builder:
                 return None
         return None
 
-    def read(self, layer: _Layer, blob: str) -> str:
+    def read(self, layer: Layer, blob: str) -> str:
         """The IR node holding ``blob``'s current value for a reader ``layer``."""
         value = self.blobs.get(blob)
-        if isinstance(value, _Folded):
+        if isinstance(value, Folded):
             raise UnsupportedOpError(f"{self.describe(layer)}: reads blob '{blob}', {value.reason}")
         if value is not None:
             return value
@@ -310,13 +279,13 @@ class _Builder:
                          f"which is not a graph input{declared}. Declare it with `input`/`input_dim` or an Input "
                          "layer, or fix the layer order", path=self.path, line=layer.line)
 
-    def node_name(self, name: str, layer: _Layer) -> str:
+    def node_name(self, name: str, layer: Layer) -> str:
         if name in self.graph:
             raise GraphError(f"{self.describe(layer)}: the name '{name}' is used twice (layer names must be unique, "
                              "and differ from the graph input names)")
         return name
 
-    def emit(self, layer: _Layer, op: str, inputs: list[str], attrs: dict[str, Any] | None = None,
+    def emit(self, layer: Layer, op: str, inputs: list[str], attrs: dict[str, Any] | None = None,
              name: str | None = None) -> Node:
         """Add a node and infer its shape now (later layers, e.g. InnerProduct, need it)."""
         name = self.node_name(name or layer.proto.name, layer)
@@ -331,7 +300,7 @@ class _Builder:
         self.produced.append(name)
         return node
 
-    def write(self, layer: _Layer, node: str) -> None:
+    def write(self, layer: Layer, node: str) -> None:
         tops = list(layer.proto.top)
         if len(tops) != 1:
             raise ParseError(f"layer '{layer.proto.name}' (type {layer.proto.type}) has {len(tops)} tops "
@@ -339,7 +308,7 @@ class _Builder:
                              path=self.path, line=layer.line)
         self.blobs[tops[0]] = node
 
-    def bottoms(self, layer: _Layer, count: int | None = None) -> list[str]:
+    def bottoms(self, layer: Layer, count: int | None = None) -> list[str]:
         names = list(layer.proto.bottom)
         if count is not None and len(names) != count:
             raise ParseError(f"layer '{layer.proto.name}' (type {layer.proto.type}) needs {count} bottom(s), "
@@ -370,7 +339,7 @@ class _Builder:
             if name not in self.read_anywhere:
                 self.unread_inputs.append(name)
 
-    def add_input(self, name: str, shape: Shape | None, layer: _Layer | None) -> None:
+    def add_input(self, name: str, shape: Shape | None, layer: Layer | None) -> None:
         if name in self.graph:
             raise GraphError(f"{self.describe(layer) if layer else self.path}: input name '{name}' is used twice")
         if shape is None:
@@ -423,9 +392,9 @@ class _Builder:
         self.graph.set_outputs(outputs)
         return self.graph
 
-    def convert(self, pos: int, layer: _Layer) -> None:
+    def convert(self, pos: int, layer: Layer) -> None:
         p, kind = layer.proto, layer.proto.type
-        handler: Callable[[int, _Layer], None] | None = getattr(self, f"layer_{kind}", None)
+        handler: Callable[[int, Layer], None] | None = getattr(self, f"layer_{kind}", None)
         if kind in _SIMPLE:
             self.write(layer, self.emit(layer, _SIMPLE[kind], self.bottoms(layer, 1)).name)
         elif handler is not None:
@@ -435,7 +404,7 @@ class _Builder:
             raise UnsupportedOpError(f"{self.loc(layer)}: layer '{p.name}' has type '{kind}': {reason}. "
                                      f"Supported layer types: {', '.join(_SUPPORTED)}")
 
-    def layer_Input(self, pos: int, layer: _Layer) -> None:
+    def layer_Input(self, pos: int, layer: Layer) -> None:
         tops, shapes = list(layer.proto.top), list(layer.proto.input_param.shape)
         if not tops:
             raise ParseError(f"Input layer '{layer.proto.name}' has no top", path=self.path, line=layer.line)
@@ -450,35 +419,23 @@ class _Builder:
             if top not in self.read_anywhere:
                 self.unread_inputs.append(name)
 
-    def layer_Split(self, pos: int, layer: _Layer) -> None:
+    def layer_Split(self, pos: int, layer: Layer) -> None:
         (src,) = self.bottoms(layer, 1)
         for top in layer.proto.top:
             self.blobs[top] = src
 
-    def layer_Silence(self, pos: int, layer: _Layer) -> None:
+    def layer_Silence(self, pos: int, layer: Layer) -> None:
         if layer.proto.top:
             raise ParseError(f"Silence layer '{layer.proto.name}' must have no tops", path=self.path, line=layer.line)
-        self.silenced.update(self.bottoms(layer))
+        read = [b for b in layer.proto.bottom if not isinstance(self.blobs.get(b), Unused)]
+        self.silenced.update(self.read(layer, b) for b in read)
 
-    def layer_Convolution(self, pos: int, layer: _Layer) -> None:
-        p, where = layer.proto.convolution_param, self.describe(layer)
-        if not p.HasField("num_output"):
-            raise ParseError(f"layer '{layer.proto.name}': convolution_param needs num_output", path=self.path,
-                             line=layer.line)
-        if p.axis != 1:
-            raise UnsupportedOpError(f"{where}: convolution over axis {p.axis} (only the channel axis 1)")
-        kernel = _pair_field(p, "kernel_size", 0, where)
-        if 0 in kernel:
-            raise ParseError(f"layer '{layer.proto.name}': convolution_param needs kernel_size or kernel_h/kernel_w",
-                             path=self.path, line=layer.line)
-        attrs = {"out_channels": p.num_output, "kernel_size": kernel, "stride": _pair_field(p, "stride", 1, where),
-                 "padding": _pair_field(p, "pad", 0, where), "dilation": _pair_field(p, "dilation", 1, where),
-                 "groups": p.group, "bias": p.bias_term}
-        node = self.emit(layer, "conv2d", self.bottoms(layer, 1), attrs)
+    def layer_Convolution(self, pos: int, layer: Layer) -> None:
+        node = self.emit(layer, "conv2d", self.bottoms(layer, 1), self.conv_attrs(layer))
         self.caffe_layout[layer.proto.name] = ("plain", node.name)
         self.write(layer, node.name)
 
-    def layer_BatchNorm(self, pos: int, layer: _Layer) -> None:
+    def layer_BatchNorm(self, pos: int, layer: Layer) -> None:
         p = layer.proto.batch_norm_param
         (bottom,) = self.bottoms(layer, 1)
         top = layer.proto.top[0] if len(layer.proto.top) == 1 else None
@@ -509,7 +466,7 @@ class _Builder:
         if scale is not None:
             self.fold_scale(scale, node, top)  # type: ignore[arg-type]
 
-    def fold_scale(self, scale: _Layer, bn: Node, bn_top: str) -> None:
+    def fold_scale(self, scale: Layer, bn: Node, bn_top: str) -> None:
         s, where = scale.proto, self.describe(scale)
         sp = s.scale_param
         if len(s.bottom) != 1:
@@ -524,23 +481,23 @@ class _Builder:
         if not sp.bias_term:
             self.optional.add(f"{bn.name}/bias")
         if s.top[0] != bn_top:
-            self.blobs[bn_top] = _Folded(f"the output of BatchNorm '{bn.name}' before Scale '{s.name}', which "
+            self.blobs[bn_top] = Folded(f"the output of BatchNorm '{bn.name}' before Scale '{s.name}', which "
                                          "automtl folded into the batch norm; read the Scale's top instead")
         self.blobs[s.top[0]] = bn.name
 
-    def layer_Scale(self, pos: int, layer: _Layer) -> None:
+    def layer_Scale(self, pos: int, layer: Layer) -> None:
         raise UnsupportedOpError(f"{self.describe(layer)}: a Scale layer is supported only as the affine part of "
                                  "the BatchNorm whose output it reads next (it is folded into that batch norm); "
                                  "this one does not follow a BatchNorm")
 
-    def layer_ReLU(self, pos: int, layer: _Layer) -> None:
+    def layer_ReLU(self, pos: int, layer: Layer) -> None:
         slope = f32(layer.proto.relu_param.negative_slope)
         inputs = self.bottoms(layer, 1)
         node = self.emit(layer, "leaky_relu", inputs, {"negative_slope": slope}) if slope else \
             self.emit(layer, "relu", inputs)
         self.write(layer, node.name)
 
-    def layer_Clip(self, pos: int, layer: _Layer) -> None:
+    def layer_Clip(self, pos: int, layer: Layer) -> None:
         p = layer.proto.clip_param
         if not (p.HasField("min") and p.HasField("max")):
             raise ParseError(f"Clip layer '{layer.proto.name}' needs clip_param {{ min max }}", path=self.path,
@@ -548,14 +505,14 @@ class _Builder:
         node = self.emit(layer, "clip", self.bottoms(layer, 1), {"min": f32(p.min), "max": f32(p.max)})
         self.write(layer, node.name)
 
-    def layer_GELU(self, pos: int, layer: _Layer) -> None:
+    def layer_GELU(self, pos: int, layer: Layer) -> None:
         self.write(layer, self.emit(layer, "gelu", self.bottoms(layer, 1), {"approximate": "none"}).name)
 
-    def layer_Dropout(self, pos: int, layer: _Layer) -> None:
+    def layer_Dropout(self, pos: int, layer: Layer) -> None:
         p = f32(layer.proto.dropout_param.dropout_ratio)
         self.write(layer, self.emit(layer, "dropout", self.bottoms(layer, 1), {"p": p}).name)
 
-    def layer_StochasticDepth(self, pos: int, layer: _Layer) -> None:
+    def layer_StochasticDepth(self, pos: int, layer: Layer) -> None:
         if not layer.proto.dropout_param.HasField("dropout_ratio"):
             raise ParseError(f"StochasticDepth layer '{layer.proto.name}' needs dropout_param {{ dropout_ratio }} "
                              "(the drop probability)", path=self.path, line=layer.line)
@@ -563,7 +520,7 @@ class _Builder:
         node = self.emit(layer, "stochastic_depth", self.bottoms(layer, 1), {"p": p, "mode": "row"})
         self.write(layer, node.name)
 
-    def layer_Pooling(self, pos: int, layer: _Layer) -> None:
+    def layer_Pooling(self, pos: int, layer: Layer) -> None:
         p, where = layer.proto.pooling_param, self.describe(layer)
         P = caffe_pb2.PoolingParameter
         if p.pool == P.STOCHASTIC:
@@ -589,6 +546,12 @@ class _Builder:
         attrs: dict[str, Any] = {"kernel_size": kernel, "stride": _pool_pair(p, "stride", 1, where),
                                  "padding": _pool_pair(p, "pad", 0, where),
                                  "ceil_mode": p.round_mode == P.CEIL}
+        if attrs["padding"] == (0, 0) and kernel == self.shape_of(inputs[0])[2:]:
+            # One window over the whole input (ResNet's and GoogLeNet's 7x7 pool5) is global pooling; as
+            # such, feature detection sees that the spatial dims end here.
+            op = "adaptive_avgpool2d" if p.pool == P.AVE else "adaptive_maxpool2d"
+            self.write(layer, self.emit(layer, op, inputs, {"output_size": (1, 1)}).name)
+            return
         if p.pool == P.MAX:
             node = self.emit(layer, "maxpool2d", inputs, attrs)
         else:
@@ -597,7 +560,7 @@ class _Builder:
             node = self.emit(layer, "avgpool2d", inputs, {**attrs, "count_include_pad": True})
         self.write(layer, node.name)
 
-    def fuse_mean(self, pos: int, layer: _Layer, inputs: list[str]) -> bool:
+    def fuse_mean(self, pos: int, layer: Layer, inputs: list[str]) -> bool:
         """A global AVE pool read next by Flatten ``<pool>/flatten`` (axis 1..-1) is one ``mean`` node."""
         tops = list(layer.proto.top)
         if len(tops) != 1:
@@ -615,12 +578,12 @@ class _Builder:
         node = self.emit(layer, "mean", inputs, {"dim": (2, 3), "keepdim": False})
         self.absorbed[flat.index] = node.name
         if flat.proto.top[0] != tops[0]:
-            self.blobs[tops[0]] = _Folded(f"the 4-D global average of layer '{node.name}', which was read with its "
+            self.blobs[tops[0]] = Folded(f"the 4-D global average of layer '{node.name}', which was read with its "
                                           f"Flatten '{flat.proto.name}' as one mean; read the Flatten's top instead")
         self.blobs[flat.proto.top[0]] = node.name
         return True
 
-    def layer_Eltwise(self, pos: int, layer: _Layer) -> None:
+    def layer_Eltwise(self, pos: int, layer: Layer) -> None:
         p, E = layer.proto.eltwise_param, caffe_pb2.EltwiseParameter
         inputs = self.bottoms(layer)
         if len(inputs) < 2:
@@ -641,104 +604,57 @@ class _Builder:
             node = self.emit(layer, "mul" if p.operation == E.PROD else "max", inputs)
         self.write(layer, node.name)
 
-    def layer_Concat(self, pos: int, layer: _Layer) -> None:
+    def layer_Concat(self, pos: int, layer: Layer) -> None:
         p = layer.proto.concat_param
         axis = p.axis if p.HasField("axis") or not p.HasField("concat_dim") else p.concat_dim
         self.write(layer, self.emit(layer, "concat", self.bottoms(layer), {"dim": axis}).name)
 
-    def layer_Flatten(self, pos: int, layer: _Layer) -> None:
+    def layer_Flatten(self, pos: int, layer: Layer) -> None:
         p = layer.proto.flatten_param
         node = self.emit(layer, "flatten", self.bottoms(layer, 1), {"start_dim": p.axis, "end_dim": p.end_axis})
         self.write(layer, node.name)
 
-    def layer_InnerProduct(self, pos: int, layer: _Layer) -> None:
+    def layer_InnerProduct(self, pos: int, layer: Layer) -> None:
         p, where = layer.proto.inner_product_param, self.describe(layer)
         if not p.HasField("num_output"):
             raise ParseError(f"layer '{layer.proto.name}': inner_product_param needs num_output", path=self.path,
                              line=layer.line)
-        if p.transpose:
-            raise UnsupportedOpError(f"{where}: transpose: true (weights stored as [in, out]) is not supported")
         (src,) = self.bottoms(layer, 1)
-        rank = len(self.graph.node(src).shape or ())
-        if rank < 2 or p.axis % rank != 1:
-            raise UnsupportedOpError(f"{where}: InnerProduct over axis {p.axis} of a {rank}-D blob; only axis 1 "
-                                     "(one sample per row) is supported")
-        if rank > 2:
+        rank = len(self.shape_of(src))
+        axis = self.axis(layer, p.axis, rank) if rank else 0
+        if axis == 0:
+            raise UnsupportedOpError(f"{where}: InnerProduct over axis {p.axis} of a {rank}-D blob would mix the "
+                                     "samples of a batch; only axes after the batch axis 0 are supported")
+        if axis < rank - 1:
             # Caffe flattens every axis from `axis` on; the IR's linear op wants that as an explicit node.
             name = f"{layer.proto.name}/flatten"
-            src = self.emit(layer, "flatten", [src], {"start_dim": 1, "end_dim": -1}, name=name).name
+            src = self.emit(layer, "flatten", [src], {"start_dim": axis, "end_dim": -1}, name=name).name
         node = self.emit(layer, "linear", [src], {"out_features": p.num_output, "bias": p.bias_term})
-        self.caffe_layout[layer.proto.name] = ("plain", node.name)
+        self.caffe_layout[layer.proto.name] = ("transposed" if p.transpose else "plain", node.name)
         self.write(layer, node.name)
 
 
 # ---------------------------------------------------------------- weights
 
 
-def _blob_tensor(blob: Any) -> tuple[torch.Tensor, bool]:
-    """A BlobProto as a float32 tensor, and whether its shape came from the legacy num/channels/height/width."""
-    values = list(blob.data) if len(blob.data) else list(blob.double_data)
-    if blob.HasField("shape"):
-        shape, legacy = tuple(int(d) for d in blob.shape.dim), False
-    else:
-        shape, legacy = (blob.num, blob.channels, blob.height, blob.width), True
-    t = torch.tensor(values, dtype=torch.float32)
-    numel = 1
-    for d in shape:
-        numel *= d
-    if numel != t.numel():
-        raise FileFormatError(f"blob of shape {list(shape)} holds {t.numel()} values")
-    return t.reshape(shape), legacy
+def _no_tensors(path: Path) -> bool:
+    """Whether the safetensors file at ``path`` is a valid file holding no tensors (only its header is read)."""
+    from safetensors import SafetensorError, safe_open
 
-
-def _read_caffemodel(path: Path, layout: dict[str, tuple[str, str]], strict: bool) -> dict[str, torch.Tensor]:
-    net = caffe_pb2.NetParameter()
     try:
-        net.ParseFromString(path.read_bytes())
-    except (DecodeError, RuntimeError) as e:
-        raise FileFormatError(f"{path}: not a binary Caffe NetParameter ({e})") from None
-    if not net.layer:
-        raise FileFormatError(f"{path}: no layers (the V1 `layers` format is not supported; upgrade the file with "
-                              "Caffe's upgrade_net_proto_binary)")
-    out: dict[str, torch.Tensor] = {}
-    unexpected = []
-    for layer in net.layer:
-        if not layer.blobs:
-            continue
-        if layer.name not in layout:
-            unexpected.append(layer.name)
-            continue
-        kind, node = layout[layer.name]
-        try:
-            blobs = [_blob_tensor(b)[0] for b in layer.blobs]
-        except FileFormatError as e:
-            raise FileFormatError(f"{path}: layer '{layer.name}': {e}") from None
-        if kind == "bn":
-            if len(blobs) not in (3, 5):
-                raise FileFormatError(f"{path}: BatchNorm layer '{layer.name}' has {len(blobs)} blobs; expected "
-                                      "3 (mean, variance, normaliser) or 5 (plus weight, bias)")
-            factor = float(blobs[2].reshape(-1)[0]) if blobs[2].numel() else 1.0
-            norm = 0.0 if factor == 0 else 1.0 / factor
-            out[f"{node}/running_mean"] = blobs[0] * norm
-            out[f"{node}/running_var"] = blobs[1] * norm
-            if len(blobs) == 5:
-                out[f"{node}/weight"], out[f"{node}/bias"] = blobs[3], blobs[4]
-        else:
-            if len(blobs) > 2:
-                raise FileFormatError(f"{path}: layer '{layer.name}' has {len(blobs)} blobs; expected weight and "
-                                      "optionally bias")
-            for key, t in zip(("weight", "bias"), blobs):
-                out[f"{node}/{key}"] = t
-    if unexpected and strict:
-        raise FileFormatError(f"{path}: blobs for layer(s) {unexpected} that the network has no weights for")
-    return out
+        with safe_open(str(path), framework="pt") as f:
+            return not list(f.keys())
+    except (SafetensorError, OSError, ValueError):
+        return False   # read_state_dict reports what is wrong with it
 
 
 def _load_weights(graph: Graph, path: Path, layout: dict[str, tuple[str, str]], optional: set[str],
                   strict: bool) -> None:
     suffix = path.suffix.lower()
     if suffix == ".caffemodel":
-        given = _read_caffemodel(path, layout, strict)
+        given = read_caffemodel(path, layout, strict)
+    elif suffix == ".safetensors" and _no_tensors(path):
+        given = {}   # the sidecar export_prototxt writes for a graph without tensors
     elif suffix in STATE_DICT_SUFFIXES:
         given = read_state_dict(path)
     else:
@@ -748,18 +664,22 @@ def _load_weights(graph: Graph, path: Path, layout: dict[str, tuple[str, str]], 
 
 
 def load_prototxt(path: str | Path, *, input_shape: tuple[int, ...] | None = None,
-                  weights: str | Path | None = None, strict: bool = True) -> Graph:
+                  weights: str | Path | None = None, strict: bool = True, softmax: str = "drop") -> Graph:
     """Read a Caffe ``.prototxt`` (genuine or AutoMTL dialect) into a materialised Graph.
 
     ``input_shape`` overrides the single input's declared shape. ``weights`` (optional, never implied) is
     a ``.safetensors`` or PyTorch state-dict file keyed ``<layer>/<tensor>`` (as ``export_prototxt``
     writes) or by torch module names (``layer1.0.conv1.weight``), or a binary ``.caffemodel``; without it
     tensors are initialised with ``materialise(seed=0)``. ``strict=False`` ignores tensors the network
-    does not use. See the module docstring for the dialect rules.
+    does not use. ``softmax`` says what a final Softmax layer (whose output no layer reads) becomes:
+    ``"drop"`` (default: the graph ends at the logits, as a backbone should) or ``"keep"`` (a softmax
+    node, for the deploy net's exact output). See the module docstring for the dialect rules.
     """
+    if softmax not in SOFTMAX_CHOICES:
+        raise AutomtlError(f"load_prototxt: softmax={softmax!r}; use one of {', '.join(SOFTMAX_CHOICES)}")
     path = require_file(path, "prototxt file")
     net, text = _parse_text(path)
-    builder = _Builder(path, net, text, input_shape)
+    builder = _Builder(path, net, text, input_shape, softmax)
     graph = builder.build()
     if weights is not None:
         graph.materialise(complete=False)
