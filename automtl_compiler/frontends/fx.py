@@ -1,35 +1,47 @@
-"""torch.fx frontend: any traceable ``nn.Module`` -> Graph.
+"""torch.fx frontend: an ``nn.Module`` (torchvision, timm, your own) -> Graph.
 
-The module is traced symbolically (standard torch.nn layers and torchvision's StochasticDepth stay
-leaves) and converted node by node; shapes then follow from the registry's shape rules at the given input
-shape, so nothing is executed (compiling ResNet-50 costs no forward pass). Parameters and buffers are
-copied. A call with no registry mapping is an UnsupportedOpError naming the fx node and the module
-path it sits in.
+The module is traced with torch.fx while the IR is built: every recorded call is converted at once and
+its output shape computed from the registry's shape rules at the given input shape (see
+:mod:`.fx_trace`). Shapes are therefore Python ints during tracing, so shape arithmetic and control flow
+on shapes (TF 'same' padding, size checks) run as in eager mode, and no forward pass is executed
+(compiling ResNet-50 runs nothing). Layers with an IR mapping are recorded as single calls
+(:mod:`.fx_leaves`: torch.nn layers, timm's norm-act, same-padding, weight-standardised convolutions,
+DropPath, ...); everything else is traced through and its torch functions and tensor methods mapped
+(:mod:`.fx_functions`, :mod:`.fx_tensors`). Parameters and buffers are copied.
+
+A call with no mapping is an UnsupportedOpError naming the fx node, the module path and class it sits
+in, and the source line -- raised only if its result is used. Data-dependent control flow is an
+UnsupportedOpError naming the module and line too.
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import AutomtlError, ShapeError, UnsupportedOpError
 from ..ir.graph import Graph
+from ..ir.ops import get_op
+from . import fx_functions, fx_tensors
+from .fx_leaves import leaf_of
+from .fx_trace import (
+    Opaque,
+    StaticTracer,
+    TensorValue,
+    TraceError,
+    current_line,
+    describe_frame,
+    user_frame,
+)
 
-Mapped = tuple[str, dict[str, Any]]
-
-
-class _Tracer(fx.Tracer):
-    """Keeps torch.nn layers and torchvision's StochasticDepth as leaves."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if type(m).__name__ == "StochasticDepth" and type(m).__module__.startswith("torchvision"):
-            return True
-        return super().is_leaf_module(m, qualname)
+_FUNCTIONS = {**fx_functions.FUNCTIONS, **fx_tensors.FUNCTIONS}
+_METHODS = {**fx_functions.METHODS, **fx_tensors.METHODS}
+_HANDLER_ERRORS = (AutomtlError, ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError)
 
 
 def torchvision_model(name: str) -> nn.Module:
@@ -43,272 +55,222 @@ def torchvision_model(name: str) -> nn.Module:
         raise AutomtlError(f"torchvision has no model '{name}'; known models: {names}") from None
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
-
-
-def _conv(m: nn.Conv2d) -> Mapped:
-    if m.padding_mode != "zeros":
-        raise ValueError(f"padding_mode='{m.padding_mode}' (only 'zeros' is supported)")
-    padding = m.padding
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        else:
-            total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
-            if any(t % 2 for t in total):
-                raise ValueError("padding='same' with an even receptive field needs asymmetric padding")
-            padding = tuple(t // 2 for t in total)
-    return "conv2d", {"out_channels": m.out_channels, "kernel_size": m.kernel_size, "stride": m.stride,
-                      "padding": padding, "dilation": m.dilation, "groups": m.groups, "bias": m.bias is not None}
-
-
-def _pool(m: nn.Module, op: str) -> Mapped:
-    attrs = {"kernel_size": _pair(m.kernel_size), "stride": _pair(m.stride or m.kernel_size),
-             "padding": _pair(m.padding), "ceil_mode": m.ceil_mode}
-    if op == "maxpool2d":
-        if m.return_indices:
-            raise ValueError("return_indices=True is not supported")
-        attrs["dilation"] = _pair(m.dilation)
+def _first_opaque(a: Any) -> Opaque | None:
+    if isinstance(a, Opaque):
+        return a
+    if isinstance(a, (tuple, list)):
+        items: Any = a
+    elif isinstance(a, dict):
+        items = a.values()
     else:
-        if m.divisor_override is not None:
-            raise ValueError("divisor_override is not supported")
-        attrs["count_include_pad"] = m.count_include_pad
-    return op, attrs
+        return None
+    for v in items:
+        found = _first_opaque(v)
+        if found is not None:
+            return found
+    return None
 
 
-def _adaptive(size: Any, op: str) -> Mapped:
-    size = _pair(size)
-    if None in size:
-        raise ValueError("adaptive pooling that keeps an input dimension (None) is not supported")
-    return op, {"output_size": size}
-
-
-def _bn(m: nn.BatchNorm2d) -> Mapped:
-    if m.momentum is None:
-        raise ValueError("momentum=None (cumulative moving average) is not supported")
-    return "batchnorm2d", {"eps": m.eps, "momentum": m.momentum, "affine": m.affine,
-                           "track_running_stats": m.track_running_stats}
-
-
-_MODULES: dict[type, Callable[[Any], Mapped]] = {
-    nn.Conv2d: _conv,
-    nn.BatchNorm2d: _bn,
-    nn.ReLU: lambda m: ("relu", {}),
-    nn.ReLU6: lambda m: ("relu6", {}),
-    nn.SiLU: lambda m: ("silu", {}),
-    nn.Sigmoid: lambda m: ("sigmoid", {}),
-    nn.Tanh: lambda m: ("tanh", {}),
-    nn.Hardswish: lambda m: ("hardswish", {}),
-    nn.Hardsigmoid: lambda m: ("hardsigmoid", {}),
-    nn.GELU: lambda m: ("gelu", {"approximate": m.approximate}),
-    nn.LeakyReLU: lambda m: ("leaky_relu", {"negative_slope": m.negative_slope}),
-    nn.Hardtanh: lambda m: ("clip", {"min": m.min_val, "max": m.max_val}),
-    nn.MaxPool2d: lambda m: _pool(m, "maxpool2d"),
-    nn.AvgPool2d: lambda m: _pool(m, "avgpool2d"),
-    nn.Dropout: lambda m: ("dropout", {"p": m.p}),
-    nn.Identity: lambda m: ("identity", {}),
-    nn.Flatten: lambda m: ("flatten", {"start_dim": m.start_dim, "end_dim": m.end_dim}),
-    nn.Linear: lambda m: ("linear", {"out_features": m.out_features, "bias": m.bias is not None}),
-}
-
-_UNARY_FUNCS: dict[Any, str] = {
-    F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu", torch.sigmoid: "sigmoid",
-    F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.hardswish: "hardswish",
-    F.hardsigmoid: "hardsigmoid",
-}
-_BINARY_FUNCS: dict[Any, str] = {
-    operator.add: "add", operator.iadd: "add", torch.add: "add", operator.mul: "mul", operator.imul: "mul",
-    torch.mul: "mul", torch.maximum: "max", torch.max: "max",
-}
-_UNARY_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
-_ALIASES = {"contiguous", "clone", "detach"}
-
-
-def _module_path(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else "<top level>"
+def _target_name(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
 
 
 class _Converter:
-    """Walks a traced, shape-propagated GraphModule and emits IR nodes."""
+    """Builds the Graph while the tracer runs: the callback of :class:`StaticTracer` and the emitter that
+    layer and function mappings use."""
 
-    def __init__(self, gm: fx.GraphModule, name: str, input_shape: tuple[int, ...]) -> None:
-        self.gm = gm
+    def __init__(self, module: nn.Module, input_shape: tuple[int, ...]) -> None:
+        self.graph = Graph(type(module).__name__.lower())
         self.input_shape = input_shape
-        self.graph = Graph(name)
-        self.value: dict[fx.Node, str] = {}
-        self.modules = dict(gm.named_modules())
+        self.modules = dict(module.named_modules())
+        self.tracer = StaticTracer(self, lambda m: leaf_of(m) is not None)
+        self.node: fx.Node | None = None
+        self.kind = ""
+        self.target: Any = None
+        self.children: list[str] = []
+        self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.constants: dict[int, tuple[torch.Tensor, TensorValue]] = {}
 
-    def tensor_args(self, node: fx.Node, args: Any) -> list[str]:
-        out = []
-        for a in args:
-            if not isinstance(a, fx.Node) or a not in self.value:
-                raise ValueError(f"argument {a!r} is not a tensor computed by the graph "
-                                 "(constants and scalars as operands are not supported)")
-            out.append(self.value[a])
-        return out
+    # ------------------------------------------------------------ the tracer's callback
+    def __call__(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 node: fx.Node) -> Any:
+        if kind == "placeholder":
+            return self.placeholder(node, args)
+        opaque = _first_opaque((args, kwargs))
+        if opaque is not None:
+            return opaque
+        self.node, self.kind, self.target = node, kind, target
+        try:
+            return self.dispatch(kind, target, args, kwargs)
+        except _HANDLER_ERRORS as e:
+            cls = type(e) if isinstance(e, AutomtlError) else UnsupportedOpError
+            return Opaque(cls(f"{self.describe()}, {current_line()}: {e}"))
 
-    def convert(self) -> Graph:
-        for node in self.gm.graph.nodes:
-            try:
-                self.visit(node)
-            except AutomtlError:
-                raise
-            except (ValueError, TypeError, KeyError) as e:
-                raise UnsupportedOpError(self.describe(node) + f": {e}") from None
+    def placeholder(self, node: fx.Node, args: tuple[Any, ...]) -> Any:
+        if not self.graph.inputs:
+            self.graph.add_input(node.name, self.input_shape)
+            return TensorValue(node.name, tuple(self.input_shape))
+        if args:
+            return args[0]  # a keyword argument of forward: its default
+        raise UnsupportedOpError(f"forward takes a second input '{node.name}'; modules with more than one "
+                                 "input are not supported")
+
+    def dispatch(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if kind == "call_module":
+            m = self.modules[target]
+            if len(args) != 1 or kwargs or not isinstance(args[0], TensorValue):
+                raise UnsupportedOpError(f"layer {type(m).__name__} is called with {len(args)} positional and "
+                                         f"{len(kwargs)} keyword arguments; one traced tensor is supported")
+            return self.map_layer(m, args[0])
+        if kind == "call_function":
+            handler = _FUNCTIONS.get(target)
+            if handler is None:
+                raise UnsupportedOpError("function has no IR op")
+            return handler(self, args, kwargs)
+        if kind == "call_method":
+            name = str(target)
+            handler = _METHODS.get(name) or (_METHODS.get(name[:-1]) if name.endswith("_") else None)
+            if handler is None:
+                raise UnsupportedOpError(f"tensor method '{name}' has no IR op")
+            return handler(self, args, kwargs)
+        raise UnsupportedOpError(f"'{kind}' nodes are not supported")
+
+    def map_layer(self, m: nn.Module, x: TensorValue) -> Any:
+        fn = leaf_of(m)
+        if fn is None:
+            raise UnsupportedOpError(f"layer type {type(m).__name__} has no IR op")
+        return fn(self, m, x)
+
+    def where(self) -> tuple[str, str]:
+        """(module path, class name) of the current call."""
+        if self.kind == "call_module":
+            return str(self.target), type(self.modules[self.target]).__name__
+        return self.tracer.module_path()
+
+    def describe(self) -> str:
+        path, cls = self.where()
+        assert self.node is not None
+        return (f"fx node '{self.node.name}' ({self.kind} {_target_name(self.target)}) in module '{path}'"
+                + (f" ({cls})" if cls else ""))
+
+    # ------------------------------------------------------------ the emitter (see fx_trace.Emitter)
+    def emit(self, op: str, attrs: dict[str, Any], inputs: list[TensorValue],
+             params: dict[str, torch.Tensor] | None = None, buffers: dict[str, torch.Tensor] | None = None,
+             part: str = "") -> TensorValue:
+        assert self.node is not None
+        parts = [p for p in (*self.children, part) if p]
+        name = self.fresh("_".join([self.node.name, *parts]))
+        path, _ = self.where()
+        source = ".".join([path, *self.children]) if self.kind == "call_module" else f"{path}:{self.node.name}"
+        node = self.graph.add_node(name, op, [i.name for i in inputs], attrs, params=params, buffers=buffers,
+                                   source=source)
+        try:
+            node.shape = tuple(get_op(op).shape(node.attrs, [i.shape for i in inputs]))
+        except ShapeError as e:
+            self.graph.remove_node(name)
+            raise ShapeError(f"{op} of input shapes {[list(i.shape) for i in inputs]}: {e}") from None
+        return TensorValue(name, node.shape)
+
+    def fresh(self, name: str) -> str:
+        if name not in self.graph:
+            return name
+        i = 1
+        while f"{name}_{i}" in self.graph:
+            i += 1
+        return f"{name}_{i}"
+
+    def tensor(self, value: Any) -> TensorValue:
+        if isinstance(value, TensorValue):
+            return value
+        if isinstance(value, torch.Tensor):
+            if id(value) not in self.constants:
+                self.constants[id(value)] = (value, self.constant(value, value.requires_grad))
+            return self.constants[id(value)][1]
+        if fx_functions.is_number(value):
+            return self.constant(torch.tensor(float(value)), False)
+        raise UnsupportedOpError(f"operand {value!r} is not a tensor or a number")
+
+    def constant(self, t: torch.Tensor, trainable: bool) -> TensorValue:
+        """A ``tensor`` node holding a copy of ``t`` (a parameter when it is trained, else a buffer)."""
+        value = {"value": t.detach().to(torch.float32).clone()}
+        return self.emit("tensor", {"shape": list(t.shape), "trainable": trainable}, [],
+                         params=value if trainable else None, buffers=None if trainable else value, part="const")
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in self.copies:
+            self.copies[id(t)] = (t, t.detach().clone())
+        return self.copies[id(t)][1]
+
+    def params_of(self, m: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: self.copy(p) for k, p in m.named_parameters(recurse=False)}
+
+    def buffers_of(self, m: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: self.copy(b) for k, b in m.named_buffers(recurse=False) if b is not None}
+
+    def leaf(self, m: nn.Module, x: TensorValue, part: str) -> Any:
+        with self.child(part):
+            return self.map_layer(m, x)
+
+    @contextmanager
+    def child(self, part: str) -> Iterator[None]:
+        self.children.append(part)
+        try:
+            yield
+        finally:
+            self.children.pop()
+
+    # ------------------------------------------------------------ finishing
+    def finish(self) -> Graph:
+        """Declare the outputs, drop nodes they do not need, and check the result."""
+        nodes: list[fx.Node] = []
+        fx.node.map_arg(self.tracer.outputs, nodes.append)
+        values = [n.meta.get("automtl_value") for n in nodes]
+        for v in values:
+            if isinstance(v, Opaque):
+                raise v.error
+        names = [v.name for v in values if isinstance(v, TensorValue)]
+        if not names:
+            raise UnsupportedOpError(f"{self.graph.name}: forward returns no traced tensor")
+        self.graph.set_outputs(names)
+        keep = set(self.graph.inputs).union(*(self.graph.upstream(o) for o in names))
+        for node in reversed(self.graph.nodes()):
+            if node.name not in keep:
+                self.graph.remove_node(node.name)
         return self.graph
 
-    def describe(self, node: fx.Node) -> str:
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
-        return f"fx node '{node.name}' ({node.op} {target}) in module '{_module_path(node)}'"
 
-    def emit(self, node: fx.Node, op: str, attrs: dict[str, Any], inputs: list[str],
-             params: dict[str, torch.Tensor] | None = None, buffers: dict[str, torch.Tensor] | None = None) -> None:
-        self.graph.add_node(node.name, op, inputs, attrs, params=params, buffers=buffers,
-                            source=_module_path(node) if node.op == "call_module" else
-                            f"{_module_path(node)}:{node.name}")
-        self.value[node] = node.name
-
-    def visit(self, node: fx.Node) -> None:
-        if node.op == "placeholder":
-            if self.graph.inputs:
-                raise ValueError("modules with more than one input are not supported")
-            self.graph.add_input(node.name, self.input_shape)
-            self.value[node] = node.name
-        elif node.op == "output":
-            outs = fx.node.map_arg(node.args[0], lambda n: n)
-            flat: list[fx.Node] = []
-            fx.node.map_aggregate(outs, lambda a: flat.append(a) if isinstance(a, fx.Node) else None)
-            self.graph.set_outputs([self.value[n] for n in flat])
-        elif node.op == "call_method" and node.target == "size" or node.target is getattr:
-            return
-        elif node.op == "call_module":
-            self.visit_module(node)
-        elif node.op == "call_function":
-            self.visit_function(node)
-        elif node.op == "call_method":
-            self.visit_method(node)
-        else:
-            raise ValueError(f"'{node.op}' nodes (module attributes used as tensors) are not supported")
-
-    def visit_module(self, node: fx.Node) -> None:
-        m = self.modules[str(node.target)]
-        if type(m).__name__ == "StochasticDepth":
-            op, attrs = "stochastic_depth", {"p": m.p, "mode": m.mode}
-        elif type(m) in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
-            op, attrs = _adaptive(m.output_size, "adaptive_avgpool2d" if isinstance(m, nn.AdaptiveAvgPool2d)
-                                  else "adaptive_maxpool2d")
-            if getattr(m, "return_indices", False):
-                raise ValueError("return_indices=True is not supported")
-        elif type(m) in _MODULES:
-            op, attrs = _MODULES[type(m)](m)
-        else:
-            raise UnsupportedOpError(f"{self.describe(node)}: layer type {type(m).__name__} has no IR op; "
-                                     f"supported layers: {', '.join(sorted(t.__name__ for t in _MODULES))}")
-        params = {k: p.detach().clone() for k, p in m.named_parameters(recurse=False)}
-        buffers = {k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None}
-        self.emit(node, op, attrs, self.tensor_args(node, node.args[:1]), params, buffers)
-
-    def visit_function(self, node: fx.Node) -> None:
-        f, args, kw = node.target, node.args, node.kwargs
-        if f in _UNARY_FUNCS:
-            self.emit(node, _UNARY_FUNCS[f], {}, self.tensor_args(node, args[:1]))
-        elif f in _BINARY_FUNCS:
-            if f is torch.add and (len(args) > 2 or "alpha" in kw):
-                raise ValueError("torch.add with alpha is not supported")
-            if f is torch.max and len(args) != 2:
-                raise ValueError("torch.max as a reduction is not supported; only max(a, b)")
-            self.emit(node, _BINARY_FUNCS[f], {}, self.tensor_args(node, args[:2]))
-        elif f is torch.cat or f is torch.concat:
-            dim = args[1] if len(args) > 1 else kw.get("dim", 0)
-            self.emit(node, "concat", {"dim": dim}, self.tensor_args(node, args[0]))
-        elif f is torch.flatten:
-            start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
-            end = args[2] if len(args) > 2 else kw.get("end_dim", -1)
-            self.emit(node, "flatten", {"start_dim": start, "end_dim": end}, self.tensor_args(node, args[:1]))
-        elif f in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
-            size = args[1] if len(args) > 1 else kw["output_size"]
-            op = "adaptive_avgpool2d" if f is F.adaptive_avg_pool2d else "adaptive_maxpool2d"
-            self.emit(node, *_adaptive(size, op), self.tensor_args(node, args[:1]))
-        elif f in (F.dropout, F.gelu, F.leaky_relu, F.hardtanh, F.max_pool2d, F.avg_pool2d):
-            self.visit_functional_layer(node)
-        elif f is torch.mean:
-            self.visit_mean(node)
-        else:
-            raise UnsupportedOpError(f"{self.describe(node)}: function has no IR op")
-
-    def visit_functional_layer(self, node: fx.Node) -> None:
-        """Functional forms of layers: bind their arguments through the matching nn module's constructor."""
-        f, args, kw = node.target, node.args, dict(node.kwargs)
-        kw.pop("inplace", None)
-        bound = {F.dropout: nn.Dropout, F.gelu: nn.GELU, F.leaky_relu: nn.LeakyReLU, F.hardtanh: nn.Hardtanh,
-                 F.max_pool2d: nn.MaxPool2d, F.avg_pool2d: nn.AvgPool2d}[f]  # type: ignore[index]
-        if f is F.dropout:
-            kw.pop("training", None)
-            layer = bound(*args[1:2], **{k: v for k, v in kw.items() if k == "p"})
-        elif f is F.max_pool2d:
-            kw.pop("return_indices", None)
-            layer = bound(*args[1:], **kw)
-        else:
-            layer = bound(*args[1:], **kw)
-        op, attrs = _MODULES[bound](layer)
-        self.emit(node, op, attrs, self.tensor_args(node, args[:1]))
-
-    def visit_mean(self, node: fx.Node) -> None:
-        args, kw = node.args, node.kwargs
-        dim = args[1] if len(args) > 1 else kw.get("dim")
-        if dim is None:
-            raise ValueError("mean over all dimensions is not supported; give dim")
-        keep = args[2] if len(args) > 2 else kw.get("keepdim", False)
-        dim = [dim] if isinstance(dim, int) else list(dim)
-        self.emit(node, "mean", {"dim": dim, "keepdim": keep}, self.tensor_args(node, args[:1]))
-
-    def visit_method(self, node: fx.Node) -> None:
-        name = node.target
-        if name in _UNARY_METHODS:
-            self.emit(node, _UNARY_METHODS[name], {}, self.tensor_args(node, node.args[:1]))
-        elif name in _ALIASES:
-            self.value[node] = self.tensor_args(node, node.args[:1])[0]
-        elif name == "mean":
-            self.visit_mean(node)
-        elif name == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            self.emit(node, "flatten", {"start_dim": start, "end_dim": end}, self.tensor_args(node, node.args[:1]))
-        elif name in ("view", "reshape"):
-            dims = node.args[1:]
-            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-                dims = tuple(dims[0])
-            batch = dims[0] if dims else None
-            keeps_batch = isinstance(batch, fx.Node) and batch.op == "call_method" and batch.target == "size" \
-                and batch.args[0] is node.args[0] and batch.args[1:] == (0,)
-            if len(dims) != 2 or dims[1] != -1 or not keeps_batch:
-                raise ValueError(f"{name}{tuple(dims)} is not a flatten to (x.size(0), -1)")
-            self.emit(node, "flatten", {"start_dim": 1, "end_dim": -1}, self.tensor_args(node, node.args[:1]))
-        elif name in ("add", "mul") and len(node.args) == 2:
-            self.emit(node, name, {}, self.tensor_args(node, node.args))
-        else:
-            raise UnsupportedOpError(f"{self.describe(node)}: tensor method '{name}' has no IR op")
+def _trace_failure(module: nn.Module, tracer: StaticTracer, e: BaseException) -> UnsupportedOpError:
+    """A one-paragraph error for an exception raised while running the module's code under tracing."""
+    stack = tracer.failed_stack or tracer.stack
+    path, cls = stack[-1] if stack else ("<top level>", type(module).__name__)
+    line = describe_frame(user_frame(traceback.extract_tb(e.__traceback__)))
+    reason = str(e) if isinstance(e, AutomtlError) else f"{type(e).__name__}: {e}"
+    return UnsupportedOpError(
+        f"torch.fx could not trace {type(module).__name__}: in module '{path}' ({cls}) at {line}: {reason}. "
+        "Control flow on tensor values is not traceable; move it into a layer of your own, or export the "
+        "model to ONNX and load the .onnx file instead")
 
 
 def from_module(module: nn.Module, *, input_shape: tuple[int, ...] = (1, 3, 224, 224)) -> Graph:
     """Trace ``module`` with torch.fx and convert it to a Graph with shapes and copied tensors.
 
-    Nothing runs the module: its state (training flag, batch-norm statistics) is untouched.
+    Nothing runs the module: its state (training flag, batch-norm statistics) is untouched. Python code
+    that reads shapes runs with the static shapes of ``input_shape``.
     """
+    converter = _Converter(module, tuple(input_shape))
     try:
-        fx_graph = _Tracer().trace(module)
-    except Exception as e:  # tracing runs user code: any failure becomes a readable error
-        raise UnsupportedOpError(f"torch.fx could not trace {type(module).__name__}: {type(e).__name__}: {e}. "
-                                 "Data-dependent control flow is not traceable; export the model to ONNX "
-                                 "and load the .onnx file instead") from None
-    gm = fx.GraphModule(module, fx_graph, type(module).__name__)
-    graph = _Converter(gm, type(module).__name__.lower(), tuple(input_shape)).convert()
+        converter.tracer.trace(module)
+    except TraceError as e:
+        raise _trace_failure(module, converter.tracer, e) from None
+    except AutomtlError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tracing runs user code: any failure becomes a readable error
+        raise _trace_failure(module, converter.tracer, e) from None
     try:
-        return graph.materialise(seed=None)
+        return converter.finish().materialise(seed=None)
     except ShapeError as e:
         raise ShapeError(f"{e}; the input shape was {list(input_shape)}: pass the input_shape the model "
                          "expects") from None
+
+
+__all__ = ["from_module", "torchvision_model"]
