@@ -199,8 +199,11 @@ def inspect(source: str, input_shape: str | None, weights: str | None, weights_n
 @_SHAPE
 @_WEIGHTS
 @click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True, help="ONNX opset.")
+@click.option("--dialect", type=click.Choice(["automtl", "caffe"]), default="automtl", show_default=True,
+              help="For .prototxt: 'automtl' (one-layer batch norms, weights in .safetensors; read back by automtl) "
+                   "or 'caffe' (upstream BVLC Caffe's BatchNorm + Scale layers, weights in a .caffemodel).")
 def convert(source: str, out: str, input_shape: str | None, weights: str | None, weights_non_strict: bool,
-            opset: int) -> None:
+            opset: int, dialect: str) -> None:
     """Convert SOURCE to another format; the output is written only if the conversion succeeds."""
     from automtl_compiler import export_prototxt, save_graph
     from automtl_compiler.backends.onnx_export import export_graph_onnx
@@ -209,10 +212,14 @@ def convert(source: str, out: str, input_shape: str | None, weights: str | None,
     suffix = path.suffix.lower()
     if suffix not in (".prototxt", ".onnx", ".json"):
         raise click.BadParameter(f"'{out}' must end in .prototxt, .onnx or .json", param_hint="-o")
+    if dialect != "automtl" and suffix != ".prototxt":
+        raise click.BadParameter(f"--dialect {dialect} applies to .prototxt outputs only, not '{out}'",
+                                 param_hint="--dialect")
     graph = _load(source, input_shape, weights, weights_non_strict)
     if suffix == ".prototxt":
-        export_prototxt(graph, path)
-        click.echo(f"wrote {path} and {path.with_suffix('.safetensors')}")
+        export_prototxt(graph, path, dialect=dialect)
+        sidecar = ".caffemodel" if dialect == "caffe" else ".safetensors"
+        click.echo(f"wrote {path} and {path.with_suffix(sidecar)}")
     elif suffix == ".onnx":
         export_graph_onnx(graph, path, opset=opset)
         click.echo(f"wrote {path} (verified against PyTorch with onnxruntime)")

@@ -1,13 +1,25 @@
-"""IR -> Caffe prototxt (+ a safetensors sidecar with the weights).
+"""IR -> Caffe prototxt (+ the weights as a safetensors sidecar or a binary ``.caffemodel``).
 
 The file is genuine-Caffe style: one ``Input`` layer with ``input_param { shape }`` per graph input,
 then one layer per node in topological order, named after the node, with one top named after the node
 too, so that :func:`automtl_compiler.frontends.prototxt.load_prototxt` reads back the same graph
 (node names, ops and attributes; float attributes at float32 precision, since Caffe's fields are
-``float``). Weights go to ``<path>.safetensors`` keyed ``<layer>/<tensor>``; the loader reads them only
-when passed as ``weights=``.
+``float``). Weights go to ``<path>.safetensors`` keyed ``<layer>/<tensor>``, or to ``<path>.caffemodel``
+(:mod:`automtl_compiler.backends.caffe_model`); the loader reads them only when passed as ``weights=``.
 
-automtl extensions (upstream Caffe does not read these; the frontend does)
+Two dialects
+    ``dialect="automtl"`` (the default) writes batch norms as one layer with AutoMTL's fields and allows
+    the extensions below: everything the IR can say round-trips exactly through automtl, and files
+    written before keep their form. ``dialect="caffe"`` writes only what upstream BVLC Caffe reads: each
+    batch norm becomes a ``BatchNorm`` layer (``use_global_stats: true``, ``eps``,
+    ``moving_average_fraction`` = 1 - momentum) working in place on its input's top when it is that
+    input's only reader, followed, when affine, by a ``Scale`` layer ``<node>/scale`` (``bias_term:
+    true``) in place on the same top; automtl's reader folds the pair back into one batch norm. ``relu6``
+    becomes Caffe's ``Clip`` (0, 6), read back as the equal ``clip``; the extension layer types, batch
+    norms without running statistics, broadcasting ``Eltwise`` and adaptive pooling to sizes other than
+    1x1 are refused with an UnsupportedOpError. Its weights default to a ``.caffemodel``.
+
+automtl extensions (upstream Caffe does not read these; the frontend does; ``dialect="automtl"`` only)
     * ``BatchNorm`` carries the whole PyTorch batch norm in the AutoMTL fields ``eps``, ``momentum``,
       ``affine`` and ``track_running_stats`` (no separate ``Scale`` layer), so it round-trips exactly.
     * Layer types ``ReLU6``, ``HardSwish``, ``HardSigmoid``, ``GELU`` (exact form only),
@@ -45,22 +57,31 @@ must not repeat.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import text_format
 from safetensors.torch import save_file
 
-from ..errors import GraphError, UnsupportedOpError
+from ..errors import AutomtlError, GraphError, UnsupportedOpError
 from ..ir.graph import Graph, Node
 from ..ir.serialize import atomic_write, graph_tensors
 from ..proto import caffe_pb2
+from .caffe_model import Layout, check_caffemodel_size, write_caffemodel
 
 _SIMPLE_TYPES = {"relu": "ReLU", "relu6": "ReLU6", "silu": "Swish", "sigmoid": "Sigmoid", "tanh": "TanH",
                  "hardswish": "HardSwish", "hardsigmoid": "HardSigmoid", "identity": "Identity", "abs": "AbsVal",
                  "exp": "Exp", "log": "Log"}
 #: ``Power`` layers (power, scale, shift) for unary ops that are powers.
 _POWERS = {"sqrt": 0.5, "reciprocal": -1.0}
+DIALECTS = ("automtl", "caffe")
+#: Weights file formats, by ``weights=`` value; ``True`` picks the dialect's own.
+WEIGHT_SUFFIXES = {"safetensors": ".safetensors", "caffemodel": ".caffemodel"}
+_DEFAULT_WEIGHTS = {"automtl": "safetensors", "caffe": "caffemodel"}
+#: Ops whose layer type is an automtl extension: ``dialect="caffe"`` refuses them.
+_EXTENSION_TYPES = {"hardswish": "HardSwish", "hardsigmoid": "HardSigmoid", "identity": "Identity",
+                    "gelu": "GELU", "stochastic_depth": "StochasticDepth"}
 
 
 def _set_pair(param: Any, name: str, value: tuple[int, int], *, repeated: bool,
@@ -95,16 +116,19 @@ def _conv_param(p: Any, a: dict[str, Any]) -> None:
 
 
 class _Writer:
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, dialect: str) -> None:
         self.graph = graph
+        self.caffe = dialect == "caffe"
         self.net = caffe_pb2.NetParameter(name=graph.name)
         self.blob: dict[str, str] = {}
         self.layer_names: set[str] = set()
         self.top_names: set[str] = set()
+        self.layout: Layout = {}   # layer with weights -> (kind, node), for the .caffemodel
 
-    def add(self, node: Node, name: str, kind: str, bottoms: list[str], tops: list[str]) -> Any:
-        """A new layer; no earlier layer may have its name, nor write one of its tops."""
-        for used, names in [(name, self.layer_names), *((t, self.top_names) for t in tops)]:
+    def add(self, node: Node, name: str, kind: str, bottoms: list[str], tops: list[str], *,
+            in_place: bool = False) -> Any:
+        """A new layer; no earlier layer may have its name, nor (unless ``in_place``) write one of its tops."""
+        for used, names in [(name, self.layer_names), *((t, self.top_names) for t in tops if not in_place)]:
             if used in names:
                 raise GraphError(f"export_prototxt: {node.where}: the layer or blob name '{used}' would be used "
                                  "twice; rename the node")
@@ -140,10 +164,21 @@ class _Writer:
         raise UnsupportedOpError(f"export_prototxt: {node.where} (op '{node.op}'): {why}; the Caffe schema has no "
                                  "place for it")
 
+    def not_upstream(self, node: Node, what: str) -> None:
+        """Refuse, in the caffe dialect, what only automtl's reader understands."""
+        if self.caffe:
+            raise UnsupportedOpError(f"export_prototxt: {node.where} (op '{node.op}'): upstream Caffe has no {what}; "
+                                     "export with dialect='automtl' (read back by automtl, not by BVLC Caffe), or "
+                                     "replace the op")
+
     def write(self) -> Any:
         for node in self.graph.topological_order():
             handler = getattr(self, f"op_{node.op}", None)
-            if node.op in _SIMPLE_TYPES:
+            if node.op in _EXTENSION_TYPES:
+                self.not_upstream(node, f"{_EXTENSION_TYPES[node.op]} layer")
+            if node.op == "relu6" and self.caffe:
+                self.op_clip(node, (0.0, 6.0))
+            elif node.op in _SIMPLE_TYPES:
                 self.layer(node, _SIMPLE_TYPES[node.op])
             elif handler is not None:
                 handler(node)
@@ -161,26 +196,56 @@ class _Writer:
             self.refuse(node, "weight standardisation (fold it first with passes.fold_weights."
                               "fold_weight_standardisation)")
         _conv_param(self.layer(node, "Convolution").convolution_param, a)
+        self.layout[node.name] = ("plain", node)
 
     def op_conv_transpose2d(self, node: Node) -> None:
         if tuple(node.attrs["output_padding"]) != (0, 0):
             self.refuse(node, f"output_padding {list(node.attrs['output_padding'])} (Caffe's Deconvolution has none)")
         _conv_param(self.layer(node, "Deconvolution").convolution_param, node.attrs)
+        self.layout[node.name] = ("plain", node)
 
     def op_batchnorm2d(self, node: Node) -> None:
+        if self.caffe:
+            self.caffe_batchnorm(node)
+            return
         a = node.attrs
         p = self.layer(node, "BatchNorm").batch_norm_param
         p.eps = a["eps"]
         p.momentum = a["momentum"]
         p.affine = a["affine"]
         p.track_running_stats = a["track_running_stats"]
+        self.layout[node.name] = ("automtl_bn", node)
+
+    def sole_reader(self, node: Node) -> bool:
+        """Whether ``node`` is the only reader of its (non-input) first input, so it may overwrite its blob."""
+        src = node.inputs[0]
+        return self.graph.node(src).op != "input" and self.graph.consumers(src) == [node.name]
+
+    def caffe_batchnorm(self, node: Node) -> None:
+        """Upstream Caffe's pair: BatchNorm (statistics) then, when affine, Scale (weight, bias), both in place."""
+        a = node.attrs
+        if not a["track_running_stats"]:
+            self.not_upstream(node, "batch norm without running statistics (its BatchNorm always keeps them)")
+        bottom = self.blob[node.inputs[0]]
+        top = bottom if self.sole_reader(node) else node.name
+        layer = self.add(node, node.name, "BatchNorm", [bottom], [top], in_place=top == bottom)
+        self.blob[node.name] = top
+        p = layer.batch_norm_param
+        p.use_global_stats = True
+        p.eps = a["eps"]
+        p.moving_average_fraction = 1.0 - a["momentum"]
+        self.layout[node.name] = ("caffe_bn", node)
+        if a["affine"]:
+            scale = self.add(node, f"{node.name}/scale", "Scale", [top], [top], in_place=True)
+            scale.scale_param.bias_term = True
+            self.layout[scale.name] = ("scale", node)
 
     def op_leaky_relu(self, node: Node) -> None:
         self.layer(node, "ReLU").relu_param.negative_slope = node.attrs["negative_slope"]
 
-    def op_clip(self, node: Node) -> None:
+    def op_clip(self, node: Node, bounds: tuple[float, float] | None = None) -> None:
         p = self.layer(node, "Clip").clip_param
-        p.min, p.max = node.attrs["min"], node.attrs["max"]
+        p.min, p.max = bounds or (node.attrs["min"], node.attrs["max"])
 
     def op_gelu(self, node: Node) -> None:
         if node.attrs["approximate"] != "none":
@@ -215,10 +280,12 @@ class _Writer:
         self._pool(node, caffe_pb2.PoolingParameter.AVE)
 
     def _global(self, node: Node, method: int, **kw: Any) -> None:
+        size = tuple(node.attrs.get("output_size", (1, 1)))
+        if size != (1, 1):
+            self.not_upstream(node, f"adaptive pooling to {list(size)} (only global pooling to 1x1)")
         p = self.layer(node, "Pooling", **kw).pooling_param
         p.pool = method
         p.global_pooling = True
-        size = tuple(node.attrs.get("output_size", (1, 1)))
         if size != (1, 1):
             p.adaptive_output_size.extend(size)
 
@@ -241,6 +308,9 @@ class _Writer:
         self.layer(node, "Flatten", name=f"{node.name}/flatten", bottoms=[pooled])
 
     def _eltwise(self, node: Node, operation: int) -> Any:
+        shapes = [tuple(self.graph.node(i).shape or ()) for i in node.inputs]
+        if len(set(shapes)) > 1:
+            self.not_upstream(node, f"broadcasting Eltwise (inputs of shapes {[list(s) for s in shapes]})")
         p = self.layer(node, "Eltwise").eltwise_param
         p.operation = operation
         return p
@@ -270,6 +340,7 @@ class _Writer:
         p.bias_term = node.attrs["bias"]
         if rank != 2:
             p.axis = -1
+        self.layout[node.name] = ("plain", node)
 
     def op_lrn(self, node: Node) -> None:
         a = node.attrs
@@ -318,6 +389,7 @@ class _Writer:
         p = self.layer(node, "PReLU").prelu_param
         if node.attrs["num_parameters"] == 1:
             p.channel_shared = True
+        self.layout[node.name] = ("plain", node)
 
     def op_sub(self, node: Node) -> None:
         self._eltwise(node, caffe_pb2.EltwiseParameter.SUM).coeff.extend([1.0, -1.0])
@@ -362,25 +434,75 @@ def _check_outputs(graph: Graph, order: list[Node]) -> None:
                          "dead nodes, and add an identity node for an output that other nodes also read")
 
 
-def export_prototxt(graph: Graph, path: str | Path, *, weights: bool = True, comment: str | None = None) -> Path:
-    """Write ``graph`` as a Caffe prototxt at ``path``; with ``weights``, also ``path.with_suffix('.safetensors')``.
+def _weights_format(weights: bool | str, dialect: str) -> str | None:
+    if dialect not in DIALECTS:
+        raise AutomtlError(f"export_prototxt: dialect={dialect!r}; use one of {', '.join(map(repr, DIALECTS))}")
+    if weights is True:
+        return _DEFAULT_WEIGHTS[dialect]
+    if weights is False:
+        return None
+    if weights not in WEIGHT_SUFFIXES:
+        raise AutomtlError(f"export_prototxt: weights={weights!r}; use True (the dialect's format), False, "
+                           f"{' or '.join(map(repr, WEIGHT_SUFFIXES))}")
+    return str(weights)
 
-    ``comment`` (optional) is written first as ``#`` lines. Both files are written atomically. Returns
-    ``path``. Read them back with ``load_prototxt(path, weights=path.with_suffix('.safetensors'))``.
+
+def _weights_writer(graph: Graph, writer: _Writer, fmt: str, target: Path) -> Callable[[Path], None]:
+    """What writes the weights file; a .caffemodel too large for protobuf is refused here, before any writing."""
+    if fmt == "caffemodel":
+        check_caffemodel_size(writer.net, writer.layout, target)
+
+        def write_caffe(tmp: Path) -> None:
+            with tmp.open("wb") as f:
+                write_caffemodel(writer.net, writer.layout, f)
+        return write_caffe
+    tensors = graph_tensors(graph)
+    return lambda tmp: save_file(tensors, str(tmp))
+
+
+def export_prototxt(graph: Graph, path: str | Path, *, weights: bool | str = True, comment: str | None = None,
+                    dialect: str = "automtl") -> Path:
+    """Write ``graph`` as a Caffe prototxt at ``path``, and its weights beside it; returns ``path``.
+
+    ``dialect`` is ``"automtl"`` (default: one-layer batch norms and automtl's extension layers, which
+    round-trip everything and keep the form earlier files have) or ``"caffe"`` (only layers upstream
+    BVLC Caffe reads: BatchNorm + Scale pairs; see the module docstring). ``weights`` is ``True`` (the
+    dialect's format: ``path.with_suffix('.safetensors')`` for automtl, ``.caffemodel`` for caffe),
+    ``"safetensors"``, ``"caffemodel"`` or ``False`` (no weights). ``comment`` (optional) is written first
+    as ``#`` lines. Nothing is replaced until both files are complete, so a failed export leaves existing
+    files untouched. Read them back with ``load_prototxt(path, weights=<the weights file>)``.
     """
     path = Path(path)
+    fmt = _weights_format(weights, dialect)
     order = graph.topological_order()
     if not graph.outputs:
         raise GraphError(f"export_prototxt: graph '{graph.name}' declares no outputs")
     _check_outputs(graph, order)
-    net = _Writer(graph).write()
+    writer = _Writer(graph, dialect)
+    net = writer.write()
     header = "".join(f"# {line}".rstrip() + "\n" for line in comment.splitlines()) if comment else ""
     text = header + text_format.MessageToString(net)
-    if weights:
-        tensors = graph_tensors(graph)
-        atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def write_text(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    if fmt is None:
+        atomic_write(path, write_text)
+        return path
+    target = path.with_suffix(WEIGHT_SUFFIXES[fmt])
+    if target.resolve() == path.resolve():
+        raise AutomtlError(f"export_prototxt: {path}: the network and its weights would both be written to this "
+                           "file; give the prototxt a .prototxt suffix")
+    write_weights = _weights_writer(graph, writer, fmt, target)
+
+    def write_both(tmp: Path) -> None:
+        # The weights go to a temporary file, the prototxt is replaced, then the weights: a failure
+        # anywhere before leaves both existing files as they were.
+        write_weights(tmp)
+        atomic_write(path, write_text)
+
+    atomic_write(target, write_both)
     return path
 
 
-__all__ = ["export_prototxt"]
+__all__ = ["DIALECTS", "WEIGHT_SUFFIXES", "export_prototxt"]
