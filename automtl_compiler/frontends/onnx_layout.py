@@ -14,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from .onnx_util import LOWEST, NodeError, flatten_range, ints, resolve_reshape, scalar
+from .onnx_util import (
+    LOWEST,
+    ConverterState,
+    NodeError,
+    flatten_range,
+    ints,
+    resolve_reshape,
+    scalar,
+)
 
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
 
@@ -39,21 +47,11 @@ def _nearest_matches_torch(size: int, out: int, scale: float, ctm: str, mode: st
     return bool(np.array_equal(onnx_idx, torch_idx))
 
 
-class LayoutOps:
+class LayoutOps(ConverterState):
     """Mixin of the ONNX converter: handlers of data-movement ops."""
 
-    opset: int
-    const: dict[str, np.ndarray]
-    value: dict[str, str]
     batch_overridden: bool
     declared_batch: int | None
-    emit: Callable[..., str]
-    aux: Callable[..., str]
-    alias: Callable[[Any, str], None]
-    attrs: Callable[[Any], dict[str, Any]]
-    dyn: Callable[[Any, int], str]
-    cin: Callable[..., np.ndarray | None]
-    shape_of: Callable[[str], tuple[int, ...]]
     node_name: Callable[[Any, int], str]
     unique: Callable[[str], str]
     current: int

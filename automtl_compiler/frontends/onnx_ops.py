@@ -14,7 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .onnx_util import LOWEST, TOL, NodeError, as_tensor, ints, scalar, show
+from .onnx_util import (
+    LOWEST,
+    TOL,
+    ConverterState,
+    NodeError,
+    as_tensor,
+    ints,
+    scalar,
+    show,
+)
 
 _ELEMENTWISE_IR = {"Add": "add", "Sum": "add", "Mul": "mul", "Max": "max", "Sub": "sub", "Div": "div"}
 # reductions: ONNX op -> (IR op, IR op for a 4-D keepdim reduction over H and W, first opset with axes as input)
@@ -30,19 +39,9 @@ def _split_pads(begin: list[int], end: list[int]) -> tuple[tuple[int, int], tupl
     return sym, (extra if any(extra) else None)
 
 
-class LayerOps:
+class LayerOps(ConverterState):
     """Mixin of the ONNX converter: handlers of layers and arithmetic."""
 
-    opset: int
-    const: dict[str, np.ndarray]
-    value: dict[str, str]
-    emit: Callable[..., str]
-    aux: Callable[..., str]
-    alias: Callable[[Any, str], None]
-    attrs: Callable[[Any], dict[str, Any]]
-    dyn: Callable[[Any, int], str]
-    cin: Callable[..., np.ndarray | None]
-    shape_of: Callable[[str], tuple[int, ...]]
     tensor_node: Callable[[Any, str], str]
     learnt: set[str]
 
@@ -101,13 +100,17 @@ class LayerOps:
         return out[0], out[1]
 
     # ------------------------------------------------------------ convolution and normalisation
-    def conv(self, node: Any) -> None:
-        x = self.dyn(node, 0)
+    def conv_weights(self, node: Any, what: str) -> tuple[str, np.ndarray, np.ndarray | None]:
+        """The input, the 4-D weight and the optional bias of a Conv or ConvTranspose node."""
         w = self.cin(node, 1, "weight")
         b = self.cin(node, 2, "bias", required=False)
         assert w is not None
         if w.ndim != 4:
-            raise NodeError(f"only 2-D convolutions are supported (weight of shape {list(w.shape)})")
+            raise NodeError(f"only 2-D {what} are supported (weight of shape {list(w.shape)})")
+        return self.dyn(node, 0), w, b
+
+    def conv(self, node: Any) -> None:
+        x, w, b = self.conv_weights(node, "convolutions")
         shape = self.need_rank(x, 4, "Conv")
         at = self.attrs(node)
         kernel = list(at.get("kernel_shape", w.shape[2:]))
@@ -124,12 +127,7 @@ class LayerOps:
                                    "bias": b is not None}, [x], params=params)
 
     def conv_transpose(self, node: Any) -> None:
-        x = self.dyn(node, 0)
-        w = self.cin(node, 1, "weight")
-        b = self.cin(node, 2, "bias", required=False)
-        assert w is not None
-        if w.ndim != 4:
-            raise NodeError(f"only 2-D transposed convolutions are supported (weight of shape {list(w.shape)})")
+        x, w, b = self.conv_weights(node, "transposed convolutions")
         self.need_rank(x, 4, "ConvTranspose")
         at = self.attrs(node)
         if at.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or "output_shape" in at:

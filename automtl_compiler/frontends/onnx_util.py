@@ -4,6 +4,7 @@ small pure functions that the converter's op handlers use."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -129,3 +130,18 @@ def scalar(a: np.ndarray) -> float:
 def show(a: np.ndarray) -> str:
     """A constant operand as error messages name it."""
     return f"the value {scalar(a):g}" if a.size == 1 else f"a tensor of shape {list(a.shape)}"
+
+
+class ConverterState:
+    """What the op-handler mixins (layers, layout) read and call on the ONNX converter, declared once."""
+
+    opset: int
+    const: dict[str, np.ndarray]
+    value: dict[str, str]
+    emit: Callable[..., str]
+    aux: Callable[..., str]
+    alias: Callable[[Any, str], None]
+    attrs: Callable[[Any], dict[str, Any]]
+    dyn: Callable[[Any, int], str]
+    cin: Callable[..., np.ndarray | None]
+    shape_of: Callable[[str], tuple[int, ...]]
