@@ -75,3 +75,18 @@ def test_timm_source_string_builds_random_weights_and_names_typos():
     assert sum(n.op == "conv2d" for n in graph.nodes()) == 20
     with pytest.raises(AutomtlError, match="timm has no model 'resnet_18'; did you mean resnet18"):
         load_backbone("timm:resnet_18")
+
+
+@pytest.mark.parametrize(("name", "size"), [("vgg11", 96), ("inception_v3", 96), ("resnet18", 32),
+                                            ("convnext_atto", 64)])
+def test_feature_node_is_what_forward_features_returns(name, size):
+    """VGG's fc6 is a conv over the whole map (and on small images follows an enlarging adaptive pool);
+    Inception's last max pools and a 1x1 final map are not global pooling."""
+    from automtl_compiler import load_backbone
+    from automtl_compiler.passes.feature import find_feature_node
+
+    model = timm.create_model(name, pretrained=False).eval()
+    graph = load_backbone(model, input_shape=(1, 3, size, size))
+    with torch.no_grad():
+        want = model.forward_features(torch.randn(1, 3, size, size))
+    assert graph.node(find_feature_node(graph)).shape == tuple(want.shape)

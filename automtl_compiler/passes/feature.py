@@ -8,17 +8,35 @@ from ..ir.graph import Graph, Node
 _REDUCTIONS = {"mean", "sum", "amax"}
 
 
-def _reduces_space(node: Node) -> bool:
-    """Whether ``node`` removes the spatial dimensions: global pooling, a spatial reduction, flatten, a
-    reshape to fewer dimensions or a linear layer on flat features."""
+def _reduces_space(graph: Graph, node: Node) -> bool:
+    """Whether ``node`` removes the spatial dimensions: global pooling (adaptive to 1x1, or a window over the
+    whole unpadded input), a conv whose kernel covers the whole map (a dense layer written as a conv, as
+    VGG's and FCN's fc6), a spatial reduction, flatten, a reshape to fewer dimensions or a linear layer on
+    flat features."""
     out = node.shape or ()
     if node.op == "flatten" or (node.op in ("reshape", "linear") and len(out) < 4):
         return True
-    if node.op in ("adaptive_avgpool2d", "adaptive_maxpool2d", "avgpool2d", "maxpool2d"):
-        return len(out) == 4 and out[2] * out[3] == 1
+    if node.op in ("adaptive_avgpool2d", "adaptive_maxpool2d"):
+        return tuple(node.attrs["output_size"]) == (1, 1)
+    if node.op in ("avgpool2d", "maxpool2d", "conv2d"):  # a window over the whole map: a conv is then dense
+        src = graph.node(node.inputs[0]).shape or ()
+        return len(src) == 4 and src[2] * src[3] > 1 and tuple(node.attrs["kernel_size"]) == tuple(src[2:]) \
+            and not any(node.attrs["padding"])
     if node.op in _REDUCTIONS:
         return bool({d % 4 for d in node.attrs["dim"]} & {2, 3})
     return False
+
+
+def _before_enlarging_pool(graph: Graph, name: str) -> str:
+    """An adaptive pool that enlarges its input (timm's VGG pre-logits on a small image) adds nothing: the
+    features are its input."""
+    node = graph.node(name)
+    while node.op in ("adaptive_avgpool2d", "adaptive_maxpool2d"):
+        src = graph.node(node.inputs[0])
+        if src.shape is None or len(src.shape) != 4 or any(o < i for o, i in zip(node.shape[2:], src.shape[2:])):
+            break
+        node = src
+    return node.name
 
 
 def find_feature_node(graph: Graph) -> str:
@@ -37,11 +55,11 @@ def find_feature_node(graph: Graph) -> str:
         return len(shape) == 4 and shape[2] * shape[3] > 1
 
     for node in graph.topological_order():
-        if _reduces_space(node) and not any(spatial(d) for d in nx.descendants(graph.nx, node.name)):
+        if _reduces_space(graph, node) and not any(spatial(d) for d in nx.descendants(graph.nx, node.name)):
             src = graph.node(node.inputs[0])
             if src.shape is None or len(src.shape) != 4:
                 raise GraphError(f"{node.where} reduces a non-spatial tensor; name the feature node explicitly")
-            return src.name
+            return _before_enlarging_pool(graph, src.name)
     spatial_outputs = [o for o in graph.outputs if len(graph.node(o).shape or ()) == 4]
     if len(spatial_outputs) != 1:
         raise GraphError(f"graph '{graph.name}' has no global pooling and {len(spatial_outputs)} spatial outputs; "
