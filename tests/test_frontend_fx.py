@@ -133,3 +133,16 @@ def test_training_state_is_preserved():
     model = torchvision.models.resnet18().train()
     load_backbone(model, input_shape=(1, 3, 32, 32))
     assert model.training and model.bn1.num_batches_tracked.item() == 0
+
+
+def test_graph_copies_a_users_weights_unless_the_module_is_its_own():
+    from automtl_compiler.frontends.fx import from_module
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ptr = model[0].weight.data_ptr()
+    copied = from_module(model, input_shape=(1, 3, 8, 8))
+    shared = from_module(model, input_shape=(1, 3, 8, 8), copy_tensors=False)
+    conv = next(n for n in copied.nodes() if n.op == "conv2d").name
+    assert copied.node(conv).params["weight"].data_ptr() != ptr
+    assert shared.node(conv).params["weight"].data_ptr() == ptr
+    torch.testing.assert_close(copied.node(conv).params["weight"], model[0].weight.detach())

@@ -42,20 +42,20 @@ def load_backbone(source: Any, *, input_shape: tuple[int, ...] | None = None,
 
     if isinstance(source, torch.nn.Module):
         if weights is not None:
-            source = _copy_module(source)
-        return _from_module(source, input_shape, weights, strict)
+            return _from_module(_copy_module(source), input_shape, weights, strict, owned=True)
+        return _from_module(source, input_shape, weights, strict, owned=False)
     if not isinstance(source, (str, Path)):
         raise AutomtlError(f"cannot load a backbone from a {type(source).__name__}; give an nn.Module, "
                            "a .prototxt, .onnx or .json path, torchvision:NAME or timm:NAME")
     text = str(source)
     if text.startswith("torchvision:"):
         from .fx import torchvision_model
-        return _from_module(torchvision_model(text.split(":", 1)[1]), input_shape, weights, strict)
+        return _from_module(torchvision_model(text.split(":", 1)[1]), input_shape, weights, strict, owned=True)
     if text.startswith("timm:"):
         from .zoo import timm_model
-        return _from_module(timm_model(text.split(":", 1)[1]), input_shape, weights, strict)
+        return _from_module(timm_model(text.split(":", 1)[1]), input_shape, weights, strict, owned=True)
     if ENTRY.fullmatch(text):
-        return _from_module(_call_entry(text), input_shape, weights, strict)
+        return _from_module(_call_entry(text), input_shape, weights, strict, owned=False)
     path = Path(text)
     suffix = path.suffix.lower()
     if suffix == ".prototxt":
@@ -95,14 +95,15 @@ def _builtin_model(path: Path) -> Path:
 
 
 def _from_module(module: Any, input_shape: tuple[int, ...] | None, weights: str | Path | None,
-                 strict: bool) -> Graph:
-    """Load ``weights`` (if any) into ``module`` by its state-dict names, then trace it."""
+                 strict: bool, owned: bool) -> Graph:
+    """Load ``weights`` (if any) into ``module`` by its state-dict names, then trace it. An ``owned`` module
+    (built here, used by no one else) lends its tensors to the graph instead of having them copied."""
     from .fx import from_module
 
     if weights is not None:
         from .weights import load_into_module
         load_into_module(module, weights, strict=strict)
-    return from_module(module, input_shape=input_shape or DEFAULT_INPUT_SHAPE)
+    return from_module(module, input_shape=input_shape or DEFAULT_INPUT_SHAPE, copy_tensors=not owned)
 
 
 def _copy_module(module: Any) -> Any:
