@@ -13,6 +13,8 @@ Blobs are written in Caffe's order and shapes, so that upstream Caffe's ``CopyTr
 ``automtl_bn`` the AutoMTL one-layer batch norm: the three blobs above, then weight and bias when affine
                (automtl's reader takes 3 or 5 blobs; upstream Caffe cannot read this layer anyway).
 ``scale``      the Scale layer after a genuine BatchNorm: gamma (the batch norm's weight), beta (its bias).
+``fixed``      a layer whose one blob is a constant of the export rather than a node's tensor (e.g. the
+               all-ones Deconvolution weight that writes nearest upsampling): the layout holds the tensor.
 
 The file is the layers as in the prototxt plus their blobs, as Caffe's own snapshots are. It is
 serialised here from the wire format rather than through one protobuf message: the float data is copied
@@ -40,7 +42,8 @@ CAFFEMODEL_MAX_BYTES = 2**31 - 1
 _NET_LAYER, _LAYER_BLOBS, _BLOB_DATA = 100, 7, 5
 _LEN = 2  # wire type of length-delimited fields (messages, packed repeated scalars)
 
-Layout = dict[str, tuple[str, Node]]
+#: Layer name -> (kind, the IR node whose tensors it holds; for ``fixed``, the blob itself).
+Layout = dict[str, tuple[str, Node | torch.Tensor]]
 
 
 def _varint(value: int) -> bytes:
@@ -69,8 +72,12 @@ def _tensor(node: Node, key: str) -> torch.Tensor:
     return tensor
 
 
-def layer_blobs(kind: str, node: Node) -> list[torch.Tensor]:
+def layer_blobs(kind: str, node: Node | torch.Tensor) -> list[torch.Tensor]:
     """The tensors of one layer's blobs, in Caffe's order and shapes (see the module docstring)."""
+    if isinstance(node, torch.Tensor):
+        if kind != "fixed":
+            raise AssertionError(f"a {kind!r} layer needs its node, not a tensor")
+        return [node]
     if kind == "plain":
         return [_tensor(node, "weight"), *([_tensor(node, "bias")] if "bias" in node.params else [])]
     if kind == "scale":

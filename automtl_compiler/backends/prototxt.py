@@ -45,14 +45,26 @@ Upstream Caffe layers for the other ops
     ``N/axis3``, when it is cut) and one along the height (``N``); a Slice of everything when nothing is cut.
     These read back as ``slice`` nodes.
 
-Ops Caffe has no layer for (``tensor``, ``div``, ``permute``, ``resize``, ``layernorm``, ``groupnorm``,
-``sum``, ``amax``, ``erf``, ``mish``, ...) are refused with an UnsupportedOpError naming the node and op,
-as are attributes the schema has no place for rather than dropped: gelu with ``approximate='tanh'``,
-row-less stochastic depth, pooling with dilation, average pooling that excludes padding, mean over other
-dimensions, a transposed convolution's ``output_padding``, positive padding, strided slices, softplus
-other than BNLL's. A prototxt's outputs are the blobs no layer reads, in layer order, so a graph whose
-outputs are read by other nodes (or that has dead nodes) cannot be written either; layer and blob names
-must not repeat.
+Ops written exactly with several upstream layers (both dialects; they read back as those layers' ops)
+    ``sum`` over dims after the batch axis: for each summed axis d of size k > 1, a ``Slice`` layer
+    ``N/slice<d>`` along d into k tops ``N/slice<d>/<i>`` and an ``Eltwise`` SUM ``N/sum<d>`` of them
+    (which keeps d with size 1); several axes chain. With ``keepdim`` the last Eltwise is ``N``; otherwise
+    (or when no summed axis is longer than 1) a ``Reshape`` ``N`` follows, dropping the summed axes unless
+    ``keepdim``.
+    ``resize`` in nearest mode by integer factors (s_h, s_w) >= 1: a ``Deconvolution`` ``N`` with
+    num_output = group = C, kernel = stride = (s_h, s_w), no padding or bias, and a constant all-ones weight
+    [C, 1, s_h, s_w] (written to the weights file as ``N/weight``, or as the layer's blob): it repeats every
+    pixel s_h x s_w times, which is torch's nearest upsampling (checked for the sizes at hand). Bilinear,
+    downsampling and non-integer factors are refused, since Caffe has no resize layer.
+
+Ops Caffe has no layer for (``tensor``, ``div``, ``permute``, ``layernorm``, ``groupnorm``, ``amax``,
+``erf``, ``mish``, ``sum`` over the batch axis, other resizes, ...) are refused with an UnsupportedOpError
+naming the node and op, as are attributes the schema has no place for rather than dropped: gelu with
+``approximate='tanh'``, row-less stochastic depth, pooling with dilation, average pooling that excludes
+padding, mean over other dimensions, a transposed convolution's ``output_padding``, positive padding,
+strided slices, softplus other than BNLL's. A prototxt's outputs are the blobs no layer reads, in layer
+order, so a graph whose outputs are read by other nodes (or that has dead nodes) cannot be written either;
+layer and blob names must not repeat.
 """
 
 from __future__ import annotations
@@ -61,6 +73,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from google.protobuf import text_format
 from safetensors.torch import save_file
 
@@ -397,6 +410,61 @@ class _Writer:
     def op_reshape(self, node: Node) -> None:
         self.layer(node, "Reshape").reshape_param.shape.dim.extend([0, *node.attrs["shape"]])
 
+    def op_sum(self, node: Node) -> None:
+        """Per summed axis of size k > 1, a Slice into k tops and an Eltwise SUM of them (which keeps the axis
+        with size 1, i.e. keepdim); then a Reshape to the result's shape, unless the last Eltwise gives it."""
+        shape = self.input_shape(node)
+        dims = sorted({d % len(shape) for d in node.attrs["dim"]})
+        if 0 in dims:
+            raise UnsupportedOpError(f"export_prototxt: {node.where}: op 'sum' has no Caffe layer for a sum over "
+                                     "the batch axis 0 (Caffe's Slice and Reshape keep the batch apart)")
+        cut = [d for d in dims if shape[d] > 1]
+        kept = [1 if d in dims else size for d, size in enumerate(shape)]
+        src = self.blob[node.inputs[0]]
+        for i, d in enumerate(cut):
+            last = i == len(cut) - 1 and node.attrs["keepdim"]
+            src = self.sum_axis(node, src, d, shape[d], node.name if last else f"{node.name}/sum{d}")
+        if node.attrs["keepdim"] and cut:
+            self.blob[node.name] = node.name
+            return
+        out = kept if node.attrs["keepdim"] else [size for d, size in enumerate(kept) if d not in dims]
+        self.layer(node, "Reshape", bottoms=[src]).reshape_param.shape.dim.extend([0, *out[1:]])
+
+    def sum_axis(self, node: Node, bottom: str, axis: int, size: int, name: str) -> str:
+        """Slice ``axis`` of ``bottom`` into its ``size`` pieces (layer ``<node>/slice<axis>``) and add them up
+        in an Eltwise layer ``name``, whose top (also ``name``) is returned."""
+        pieces = [f"{node.name}/slice{axis}/{i}" for i in range(size)]
+        self.add(node, f"{node.name}/slice{axis}", "Slice", [bottom], pieces).slice_param.axis = axis
+        self.add(node, name, "Eltwise", pieces, [name]).eltwise_param.operation = caffe_pb2.EltwiseParameter.SUM
+        return name
+
+    def op_resize(self, node: Node) -> None:
+        """Nearest upsampling by integer factors (s_h, s_w): a depthwise Deconvolution with kernel = stride = s
+        and an all-ones weight, which repeats each pixel s_h x s_w times, as torch's nearest mode does."""
+        _, c, h, w = self.input_shape(node)
+        scale = self.integer_scale(node, (h, w))
+        attrs = {"out_channels": c, "bias": False, "padding": (0, 0), "kernel_size": scale, "stride": scale,
+                 "dilation": (1, 1), "groups": c}
+        _conv_param(self.layer(node, "Deconvolution").convolution_param, attrs)
+        self.layout[node.name] = ("fixed", torch.ones(c, 1, *scale))
+
+    def integer_scale(self, node: Node, size: tuple[int, int]) -> tuple[int, int]:
+        """The integer factors (s_h, s_w) of a nearest resize from ``size``; anything else is refused."""
+        out = tuple(node.attrs["size"])
+        why = None
+        if node.attrs["mode"] != "nearest":
+            why = f"{node.attrs['mode']} mode"
+        elif any(o % i for o, i in zip(out, size)):
+            why = f"a resize from {list(size)} to {list(out)}, which is not an upsampling by integer factors"
+        scale = (out[0] // size[0], out[1] // size[1])
+        if why is None and not _repeats_pixels(size, scale):
+            why = f"a resize from {list(size)} to {list(out)}, where torch's nearest does not repeat pixels"
+        if why is not None:
+            raise UnsupportedOpError(f"export_prototxt: {node.where}: op 'resize' has no Caffe layer for {why} "
+                                     "(Caffe has no resize layer; only nearest upsampling by integer factors is "
+                                     "written, as a Deconvolution)")
+        return scale
+
     def op_slice(self, node: Node) -> None:
         a, shape = node.attrs, self.input_shape(node)
         axis = a["dim"] % len(shape)
@@ -424,6 +492,16 @@ class _Writer:
             self.cut(node, src, name, axis, (start, end), shape[axis])
             src = name
         self.blob[node.name] = node.name
+
+
+def _repeats_pixels(size: tuple[int, int], scale: tuple[int, int]) -> bool:
+    """Whether torch's nearest resize of ``size`` by ``scale`` takes each source pixel ``scale`` times, per axis."""
+    for n, s in zip(size, scale):
+        src = torch.arange(n, dtype=torch.float32).view(1, 1, n, 1)
+        taken = torch.nn.functional.interpolate(src, size=(n * s, 1), mode="nearest").flatten()
+        if not torch.equal(taken, src.flatten().repeat_interleave(s)):
+            return False
+    return True
 
 
 def _check_outputs(graph: Graph, order: list[Node]) -> None:
@@ -457,6 +535,7 @@ def _weights_writer(graph: Graph, writer: _Writer, fmt: str, target: Path) -> Ca
                 write_caffemodel(writer.net, writer.layout, f)
         return write_caffe
     tensors = graph_tensors(graph)
+    tensors.update({f"{layer}/weight": t for layer, (_, t) in writer.layout.items() if isinstance(t, torch.Tensor)})
     return lambda tmp: save_file(tensors, str(tmp))
 
 
