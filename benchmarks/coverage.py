@@ -9,8 +9,9 @@ statistics, eval mode) it checks, at rtol 1e-3 / atol 1e-4 against the timm modu
   the tolerance's absolute part scales with the largest output (see ``_compare``);
 - **onnx-ts** / **onnx-dynamo**: ``torch.onnx.export`` with ``dynamo=False`` and ``dynamo=True``, then
   ``load_backbone(file.onnx)``;
-- **prototxt**: the fx graph exported with ``export_prototxt`` and read back (Caffe has no layer for some
-  ops: such a model fails with the op named);
+- **prototxt**: the fx graph exported with ``export_prototxt`` and read back, after folding weight
+  standardisation into the conv weights (``passes.fold_weights``; Caffe has no layer for some ops: such a
+  model fails with the op named);
 - **multi-task**: ``build_supermodel`` with two heads; the all-share model equal to the module's
   ``forward_features`` + head, and how many of the convs ``forward_features`` runs became policy-able units.
 
@@ -87,6 +88,7 @@ def check(name: str, shape: tuple[int, ...], tmp: Path) -> dict[str, Any]:
         to_torch,
     )
     from automtl_compiler.nn.heads import ASPPHead, ClassificationHead
+    from automtl_compiler.passes.fold_weights import fold_weight_standardisation
 
     from .common import median_seconds
 
@@ -125,7 +127,8 @@ def check(name: str, shape: tuple[int, ...], tmp: Path) -> dict[str, Any]:
     def prototxt() -> str:
         if "g" not in graph:
             return "n/a (fx failed)"
-        path = export_prototxt(graph["g"], tmp / f"{name}.prototxt")
+        folded, _ = fold_weight_standardisation(graph["g"])  # Caffe has no weight standardisation
+        path = export_prototxt(folded, tmp / f"{name}.prototxt")
         back = load_backbone(path, weights=path.with_suffix(".safetensors"))
         with torch.no_grad():
             return _compare(to_torch(back).eval()(x), want)
