@@ -290,3 +290,49 @@ def test_feature_node_skips_squeeze_excitation_pooling(name, channels):
     graph = load_backbone(torchvision.models.get_model(name), input_shape=(1, 3, 64, 64))
     shape = graph.node(find_feature_node(graph)).shape
     assert shape[1] == channels and shape[2] * shape[3] > 1
+
+
+def test_strided_skip_projection_equals_the_strided_conv_in_value_and_gradient():
+    from automtl_compiler.nn.supermodel import SkipProjection
+    from automtl_compiler.passes.multitask import SkipSpec
+
+    torch.manual_seed(0)
+    skip = SkipProjection(SkipSpec(False, 3, 8, (2, 2), (0, 0, 0, 0))).eval()
+    conv = nn.Conv2d(3, 8, 1, stride=2, bias=False)
+    conv.weight = nn.Parameter(skip.conv.weight.detach().clone())
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    y = skip(x)
+    want = skip.bn(conv(x))
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, skip.conv.weight), g)
+    wx, ww = torch.autograd.grad(want, (x, conv.weight), g)
+    torch.testing.assert_close(gx, wx)
+    torch.testing.assert_close(gw, ww)
+
+
+def test_channels_last_soft_step_runs(tmp_path):
+    """A soft step in channels_last used to corrupt the heap (oneDNN's strided 1x1 weight gradient on the
+    3-channel image, in the first unit's skip projection); run it in a child process so a crash is a failure,
+    not the end of the test session."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import torch, torchvision\n"
+        "from automtl_compiler import build_supermodel\n"
+        "from automtl_compiler.nn.heads import ASPPHead\n"
+        "torch.set_num_threads(1)\n"
+        "torch.manual_seed(0)\n"
+        "heads = {t: ASPPHead(512, 2, hidden=8, rates=(1,)) for t in ('a', 'b')}\n"
+        "sm = build_supermodel(torchvision.models.resnet18(), heads, input_shape=(2, 3, 96, 96))\n"
+        "sm = sm.to(memory_format=torch.channels_last)\n"
+        "x = torch.randn(2, 3, 96, 96).to(memory_format=torch.channels_last)\n"
+        "for _ in range(3):\n"
+        "    outs = sm.forward_all(x, mode='soft', tau=5.0)\n"
+        "    loss = sum(o.square().mean() for o in outs.values()) + sm.policy_regulariser('a')\n"
+        "    loss.backward()\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
