@@ -87,11 +87,15 @@ def _ln_channels(a: dict[str, Any], x: Shape) -> int:
     return x[_check_dim(a["dim"], len(x), "layer norm over dimension")]
 
 
-def _ln_lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Lowering:
-    m = LayerNormDim(None, a["dim"], a["eps"])
+def _affine_module(m: nn.Module, a: dict[str, Any], p: dict[str, torch.Tensor]) -> Lowering:
+    """``m`` holding the node's affine weight and bias (when it has them) as its parameters."""
     if a["affine"]:
         m.weight, m.bias = nn.Parameter(p["weight"]), nn.Parameter(p["bias"])
     return Lowering(module=m)
+
+
+def _ln_lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Lowering:
+    return _affine_module(LayerNormDim(None, a["dim"], a["eps"]), a, p)
 
 
 register(OpDef(
@@ -112,10 +116,7 @@ def _gn_channels(a: dict[str, Any], x: Shape) -> int:
 
 def _gn_lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Lowering:
     c = p["weight"].shape[0] if a["affine"] else a["num_groups"]
-    m = nn.GroupNorm(a["num_groups"], c, eps=a["eps"], affine=a["affine"])
-    if a["affine"]:
-        m.weight, m.bias = nn.Parameter(p["weight"]), nn.Parameter(p["bias"])
-    return Lowering(module=m)
+    return _affine_module(nn.GroupNorm(a["num_groups"], c, eps=a["eps"], affine=a["affine"]), a, p)
 
 
 register(OpDef(
