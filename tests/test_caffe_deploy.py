@@ -545,10 +545,13 @@ def test_export_writes_caffe_layers_that_read_back_to_the_same_numbers(tmp_path,
     ("softplus", {"beta": 2.0}, 0, "BNLL"),
 ])
 def test_export_refuses_what_caffe_cannot_express(tmp_path, op, attrs, binary, match):
-    with pytest.raises(UnsupportedOpError, match=match) as info:
-        export_prototxt(one_op(op, attrs, binary=bool(binary)), tmp_path / "x.prototxt")
-    assert "node 'n'" in str(info.value)
-    assert not (tmp_path / "x.prototxt").exists()
+    # permute, layernorm and positive pads are AutoMTL dialect layers (tests/test_prototxt_extensions.py).
+    dialects = ["caffe"] if op in ("permute", "layernorm", "pad") else ["automtl", "caffe"]
+    for dialect in dialects:
+        with pytest.raises(UnsupportedOpError, match=match) as info:
+            export_prototxt(one_op(op, attrs, binary=bool(binary)), tmp_path / "x.prototxt", dialect=dialect)
+        assert "node 'n'" in str(info.value)
+        assert not (tmp_path / "x.prototxt").exists()
 
 
 # ---------------------------------------------------------------- frontend errors

@@ -32,12 +32,20 @@ automtl extensions (upstream Caffe does not read these; the frontend does; ``dia
       ``adaptive_avgpool2d`` to (1, 1).
     * Adaptive pooling to a size other than (1, 1) is a ``global_pooling`` layer refined by
       ``pooling_param.adaptive_output_size: [h, w]``.
+    * ``permute`` -> ``Permute`` with ``permute_param { order }`` (the batch axis included, 0 first): the
+      message and field number of the SSD Caffe fork, which therefore reads it too.
+    * ``pad`` with a positive amount -> ``Pad`` with the AutoMTL ``pad_param { pads }`` (left, right, top,
+      bottom, negative ones cropping), ``mode`` (CONSTANT, REFLECT, REPLICATE) and ``value``.
+    * ``layernorm`` -> ``LayerNorm`` with the AutoMTL ``layer_norm_param { axis eps }`` (``axis`` as the
+      node's ``dim``, e.g. 1 or -1); when affine, weight and bias are its tensors (its blobs in a
+      ``.caffemodel``); a layer norm without them is written ``affine: false``.
 
 Upstream Caffe layers for the other ops
     ``lrn`` -> ``LRN`` (``within`` -> WITHIN_CHANNEL, which fixes k = 1); ``softmax`` -> ``Softmax``;
     ``affine`` -> ``Power``, and ``sqrt`` / ``reciprocal`` -> ``Power`` with power 0.5 / -1;
     ``conv_transpose2d`` -> ``Deconvolution``; ``reshape`` -> ``Reshape`` (``dim: 0`` keeps the batch);
-    ``prelu`` -> ``PReLU``; ``elu`` -> ``ELU``; ``abs`` / ``exp`` / ``log`` -> ``AbsVal`` / ``Exp`` /
+    ``prelu`` -> ``PReLU``; ``elu`` -> ``ELU``; ``tensor`` -> ``Parameter`` (its value is the layer's tensor
+    ``value``, only in a safetensors weights file; a constant one has ``param { lr_mult: 0 decay_mult: 0 }``); ``abs`` / ``exp`` / ``log`` -> ``AbsVal`` / ``Exp`` /
     ``Log``; ``softplus`` (beta 1, threshold 20) -> ``BNLL``; ``sub`` -> ``Eltwise`` SUM with coefficients
     1, -1. ``slice`` (step 1, not along the batch axis) -> a ``Slice`` layer ``N`` whose top ``N`` is the
     kept piece; the pieces before and after it (tops ``N/before``, ``N/after``) go to a ``Silence`` layer
@@ -57,12 +65,12 @@ Ops written exactly with several upstream layers (both dialects; they read back 
     pixel s_h x s_w times, which is torch's nearest upsampling (checked for the sizes at hand). Bilinear,
     downsampling and non-integer factors are refused, since Caffe has no resize layer.
 
-Ops Caffe has no layer for (``tensor``, ``div``, ``permute``, ``layernorm``, ``groupnorm``, ``amax``,
-``erf``, ``mish``, ``sum`` over the batch axis, other resizes, ...) are refused with an UnsupportedOpError
-naming the node and op, as are attributes the schema has no place for rather than dropped: gelu with
-``approximate='tanh'``, row-less stochastic depth, pooling with dilation, average pooling that excludes
-padding, mean over other dimensions, a transposed convolution's ``output_padding``, positive padding,
-strided slices, softplus other than BNLL's. A prototxt's outputs are the blobs no layer reads, in layer
+Ops Caffe has no layer for (``div``, ``groupnorm``, ``amax``, ``erf``, ``mish``, ``sum`` over the batch
+axis, other resizes, ...; in ``dialect="caffe"`` also ``permute``, ``layernorm`` and positive padding) are
+refused with an UnsupportedOpError naming the node and op, as are attributes the schema has no place for
+rather than dropped: gelu with ``approximate='tanh'``, row-less stochastic depth, pooling with dilation,
+average pooling that excludes padding, mean over other dimensions, a transposed convolution's
+``output_padding``, strided slices, softplus other than BNLL's. A prototxt's outputs are the blobs no layer reads, in layer
 order, so a graph whose outputs are read by other nodes (or that has dead nodes) cannot be written either;
 layer and blob names must not repeat.
 """
@@ -95,6 +103,10 @@ _DEFAULT_WEIGHTS = {"automtl": "safetensors", "caffe": "caffemodel"}
 #: Ops whose layer type is an automtl extension: ``dialect="caffe"`` refuses them.
 _EXTENSION_TYPES = {"hardswish": "HardSwish", "hardsigmoid": "HardSigmoid", "identity": "Identity",
                     "gelu": "GELU", "stochastic_depth": "StochasticDepth"}
+#: Ops ``dialect="caffe"`` refuses as having no Caffe layer, and the layer ``dialect="automtl"`` writes.
+_AUTOMTL_LAYERS = {"permute": "SSD Caffe's Permute layer", "layernorm": "the AutoMTL LayerNorm layer"}
+_PAD_MODES = {"constant": caffe_pb2.PadParameter.CONSTANT, "reflect": caffe_pb2.PadParameter.REFLECT,
+              "replicate": caffe_pb2.PadParameter.REPLICATE}
 
 
 def _set_pair(param: Any, name: str, value: tuple[int, int], *, repeated: bool,
@@ -189,6 +201,10 @@ class _Writer:
             handler = getattr(self, f"op_{node.op}", None)
             if node.op in _EXTENSION_TYPES:
                 self.not_upstream(node, f"{_EXTENSION_TYPES[node.op]} layer")
+            if self.caffe and node.op in _AUTOMTL_LAYERS:
+                raise UnsupportedOpError(f"export_prototxt: {node.where}: op '{node.op}' has no Caffe layer "
+                                         f"(dialect='automtl' writes it as {_AUTOMTL_LAYERS[node.op]}, which "
+                                         "upstream BVLC Caffe does not read)")
             if node.op == "relu6" and self.caffe:
                 self.op_clip(node, (0.0, 6.0))
             elif node.op in _SIMPLE_TYPES:
@@ -479,11 +495,23 @@ class _Writer:
         self.blob[node.name] = node.name
 
     def op_pad(self, node: Node) -> None:
-        left, right, top, bottom = node.attrs["pads"]
-        shape = self.input_shape(node)
+        """A crop (no positive amount) as Slice layers; otherwise an AutoMTL Pad layer (refused in the caffe
+        dialect)."""
+        a = node.attrs
+        left, right, top, bottom = a["pads"]
         if max(left, right, top, bottom) > 0:
-            self.refuse(node, f"padding {[left, right, top, bottom]} (Caffe has no padding layer; only crops, "
-                              "i.e. pads <= 0, are written, as Slice layers)")
+            if self.caffe:
+                self.refuse(node, f"padding {[left, right, top, bottom]} (Caffe has no padding layer; only crops, "
+                                  "i.e. pads <= 0, are written, as Slice layers; dialect='automtl' writes a Pad "
+                                  "layer)")
+            p = self.layer(node, "Pad").pad_param
+            p.pads.extend(a["pads"])
+            if a["mode"] != "constant":
+                p.mode = _PAD_MODES[a["mode"]]
+            if a["value"] != 0.0:
+                p.value = a["value"]
+            return
+        shape = self.input_shape(node)
         rank, src = len(shape), self.blob[node.inputs[0]]
         cuts = [(rank - 1, -left, shape[-1] + right), (rank - 2, -top, shape[-2] + bottom)]
         cuts = [c for c in cuts if (c[1], c[2]) != (0, shape[c[0]])] or [(1, 0, shape[1])]
@@ -492,6 +520,25 @@ class _Writer:
             self.cut(node, src, name, axis, (start, end), shape[axis])
             src = name
         self.blob[node.name] = node.name
+
+    def op_permute(self, node: Node) -> None:
+        self.layer(node, "Permute").permute_param.order.extend(node.attrs["dims"])
+
+    def op_layernorm(self, node: Node) -> None:
+        a = node.attrs
+        p = self.layer(node, "LayerNorm").layer_norm_param
+        p.axis, p.eps = a["dim"], a["eps"]
+        if a["affine"]:
+            self.layout[node.name] = ("plain", node)
+        else:
+            p.affine = False
+
+    def op_tensor(self, node: Node) -> None:
+        """Upstream's Parameter layer; a constant (not trainable) one has learning-rate multiplier 0."""
+        layer = self.layer(node, "Parameter", bottoms=[])
+        layer.parameter_param.shape.dim.extend(node.attrs["shape"])
+        if not node.attrs["trainable"]:
+            layer.param.add(lr_mult=0.0, decay_mult=0.0)
 
 
 def _repeats_pixels(size: tuple[int, int], scale: tuple[int, int]) -> bool:
@@ -528,6 +575,11 @@ def _weights_format(weights: bool | str, dialect: str) -> str | None:
 def _weights_writer(graph: Graph, writer: _Writer, fmt: str, target: Path) -> Callable[[Path], None]:
     """What writes the weights file; a .caffemodel too large for protobuf is refused here, before any writing."""
     if fmt == "caffemodel":
+        stored = [n.name for n in graph.nodes() if n.op == "tensor"]
+        if stored:
+            raise UnsupportedOpError(f"export_prototxt: {target}: the stored tensors {stored[:3]} (Parameter "
+                                     "layers) are not written to a .caffemodel; write the weights as safetensors "
+                                     "(weights='safetensors')")
         check_caffemodel_size(writer.net, writer.layout, target)
 
         def write_caffe(tmp: Path) -> None:

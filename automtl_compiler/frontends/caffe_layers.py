@@ -19,6 +19,14 @@ semantics (``caffe/src/caffe/layers/*.cpp``):
                   the batch dimension must stay first and unchanged.
 ``PReLU``         ``prelu`` with one slope per channel, or one (``channel_shared``).
 ``ELU``           ``elu`` with ``elu_param.alpha``.
+``Parameter``     ``tensor`` of ``parameter_param.shape`` (no bottom); constant, not trainable, when its
+                  ``param`` has ``lr_mult: 0``. Its value is the tensor ``<layer>/value`` of a weights file.
+``Permute``       ``permute`` (SSD Caffe's layer): output axis i is input axis ``order[i]``, the batch axis
+                  included; axes not listed follow in their order, as in SSD Caffe.
+``Pad``           (AutoMTL) ``pad`` of the last two axes by ``pad_param.pads`` (left, right, top, bottom),
+                  in ``mode`` CONSTANT (with ``value``), REFLECT or REPLICATE.
+``LayerNorm``     (AutoMTL) ``layernorm`` over ``layer_norm_param.axis`` with ``eps``; weight and bias
+                  unless ``affine: false``.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ if TYPE_CHECKING:
 
 #: What a final Softmax becomes: dropped (the graph ends at its input) or kept as a ``softmax`` node.
 SOFTMAX_CHOICES = ("drop", "keep")
+#: ``pad_param.mode`` -> the pad op's ``mode``.
+_PAD_MODES = {caffe_pb2.PadParameter.CONSTANT: "constant", caffe_pb2.PadParameter.REFLECT: "reflect",
+              caffe_pb2.PadParameter.REPLICATE: "replicate"}
 
 
 def f32(value: float) -> float:
@@ -308,6 +319,43 @@ class CaffeLayers:
     def layer_ELU(self, pos: int, layer: Layer) -> None:
         alpha = f32(layer.proto.elu_param.alpha)
         self.write(layer, self.emit(layer, "elu", self.bottoms(layer, 1), {"alpha": alpha}).name)
+
+    def layer_Parameter(self, pos: int, layer: Layer) -> None:
+        shape = tuple(layer.proto.parameter_param.shape.dim)
+        if not shape or min(shape) <= 0:
+            raise self.error(layer, f"parameter_param needs a shape of positive dims, got {list(shape)}")
+        self.bottoms(layer, 0)
+        constant = bool(layer.proto.param) and all(spec.lr_mult == 0 for spec in layer.proto.param)
+        node = self.emit(layer, "tensor", [], {"shape": shape, "trainable": not constant})
+        self.write(layer, node.name)
+
+    def layer_Permute(self, pos: int, layer: Layer) -> None:
+        (src,) = self.bottoms(layer, 1)
+        rank = len(self.shape_of(src))
+        order = list(layer.proto.permute_param.order)
+        if any(d >= rank for d in order) or len(set(order)) != len(order):
+            raise self.error(layer, f"permute_param order {order} is not a list of distinct axes of a {rank}-D "
+                                    "blob")
+        dims = [*order, *(d for d in range(rank) if d not in order)]
+        self.write(layer, self.emit(layer, "permute", [src], {"dims": dims}).name)
+
+    def layer_Pad(self, pos: int, layer: Layer) -> None:
+        p = layer.proto.pad_param
+        if len(p.pads) != 4:
+            raise self.error(layer, f"pad_param needs 4 pads (left, right, top, bottom), got {list(p.pads)}")
+        attrs = {"pads": tuple(p.pads), "mode": _PAD_MODES[p.mode], "value": f32(p.value)}
+        self.write(layer, self.emit(layer, "pad", self.bottoms(layer, 1), attrs).name)
+
+    def layer_LayerNorm(self, pos: int, layer: Layer) -> None:
+        p = layer.proto.layer_norm_param
+        (src,) = self.bottoms(layer, 1)
+        self.axis(layer, p.axis, len(self.shape_of(src)))
+        if not p.eps > 0:
+            raise self.error(layer, f"layer_norm_param eps must be positive, got {p.eps}")
+        node = self.emit(layer, "layernorm", [src], {"dim": p.axis, "eps": f32(p.eps), "affine": p.affine})
+        if p.affine:
+            self.caffe_layout[layer.proto.name] = ("plain", node.name)
+        self.write(layer, node.name)
 
 
 __all__ = ["SOFTMAX_CHOICES", "CaffeLayers", "Folded", "Layer", "Unused", "f32", "pair_field"]

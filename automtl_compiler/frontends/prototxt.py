@@ -34,11 +34,12 @@ Layer types
     input, such as ResNet's and GoogLeNet's 7x7 ``pool5``, is read as global pooling), LRN, ReLU
     (``negative_slope``), PReLU, ELU, Sigmoid, TanH, AbsVal, Exp and Log (base e: the schema has no
     ``exp_param``), BNLL (softplus), Power, Clip, Dropout (identity in deploy), Eltwise (SUM with
-    ``coeff``, PROD, MAX), Concat, Slice, Split, Crop, Flatten, Reshape, Softmax, Silence; the types of
-    :mod:`automtl_compiler.frontends.caffe_layers` follow Caffe's semantics as that module says. A
-    *final* Softmax (one no layer reads) is dropped unless ``softmax="keep"``: a backbone ends at its
-    logits or features, and the trunk is cut before the classifier anyway. Loss, accuracy and data
-    layers belong to training nets and are refused with that advice.
+    ``coeff``, PROD, MAX), Concat, Slice, Split, Crop, Flatten, Reshape, Softmax, Silence, Parameter,
+    Permute (SSD Caffe's); the types of :mod:`automtl_compiler.frontends.caffe_layers` follow Caffe's
+    semantics as that module says. A *final* Softmax (one no layer reads) is dropped unless
+    ``softmax="keep"``: a backbone ends at its logits or features, and the trunk is cut before the
+    classifier anyway. Loss, accuracy and data layers belong to training nets and are refused with that
+    advice.
 
 Batch normalisation
     Genuine Caffe's ``BatchNorm`` has no affine part; a ``Scale`` layer that is the next reader of
@@ -57,7 +58,8 @@ automtl extensions (written by :mod:`automtl_compiler.backends.prototxt`, read b
     Layer types ``Swish`` (silu; also upstream Caffe's name), ``HardSwish``, ``HardSigmoid``,
     ``GELU`` (exact form), ``Identity``, ``StochasticDepth`` (drop probability in
     ``dropout_param.dropout_ratio``, row mode) and ``ReLU6``; ``BatchNorm`` with the AutoMTL fields;
-    ``Eltwise`` inputs of different shapes broadcast (upstream Caffe requires equal shapes). A global
+    ``Eltwise`` inputs of different shapes broadcast (upstream Caffe requires equal shapes); ``Pad``
+    (``pad_param``) and ``LayerNorm`` (``layer_norm_param``), as :mod:`.caffe_layers` says. A global
     ``AVE`` ``Pooling`` layer ``P`` whose next reader is a ``Flatten`` layer named ``P/flatten``
     (axis 1 to -1) is read as one ``mean`` node over dims (2, 3) named ``P``: that is how the exporter
     writes ``mean``, and it is numerically the same computation either way.
@@ -128,7 +130,8 @@ _NO_OP = {
 }
 _SUPPORTED = sorted({"Input", "Convolution", "Deconvolution", "BatchNorm", "Scale", "ReLU", "PReLU", "ELU", "Clip",
                      "Pooling", "LRN", "Eltwise", "Concat", "Slice", "Crop", "Flatten", "Reshape", "InnerProduct",
-                     "Softmax", "Power", "Dropout", "StochasticDepth", "GELU", "Split", "Silence", *_SIMPLE})
+                     "Softmax", "Power", "Dropout", "StochasticDepth", "GELU", "Split", "Silence", "Parameter",
+                     "Permute", "Pad", "LayerNorm", *_SIMPLE})
 _AUTOMTL_BN_FIELDS = ("track_running_stats", "momentum", "affine")
 _CAFFE_BN_FIELDS = ("use_global_stats", "moving_average_fraction")
 
