@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import UnsupportedOpError
 from .fx_trace import Emitter, TensorValue
+from .padding import same_padding
 
 Leaf = Callable[[Emitter, Any, TensorValue], Any]
 
@@ -30,11 +31,7 @@ def tf_same_pads(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[i
                  dilation: tuple[int, int]) -> tuple[int, int, int, int]:
     """TensorFlow 'SAME' padding of an input of spatial ``size``: (left, right, top, bottom), the odd pixel
     after (right/bottom). The output size is ceil(size / stride)."""
-    pads = []
-    for n, k, s, d in zip(size, kernel, stride, dilation):
-        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
-        pads.append((total // 2, total - total // 2))
-    (top, bottom), (left, right) = pads
+    (top, bottom), (left, right) = (same_padding(*axis) for axis in zip(size, kernel, stride, dilation))
     return left, right, top, bottom
 
 

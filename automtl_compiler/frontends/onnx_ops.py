@@ -24,6 +24,7 @@ from .onnx_util import (
     scalar,
     show,
 )
+from .padding import same_padding
 
 _ELEMENTWISE_IR = {"Add": "add", "Sum": "add", "Mul": "mul", "Max": "max", "Sub": "sub", "Div": "div"}
 # reductions: ONNX op -> (IR op, IR op for a 4-D keepdim reduction over H and W, first opset with axes as input)
@@ -69,8 +70,7 @@ class LayerOps(ConverterState):
         if auto in ("SAME_UPPER", "SAME_LOWER"):
             begin, end = [], []
             for size, k, s, d in zip(hw, kernel, strides, dilations):
-                total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-                small, big = total // 2, total - total // 2
+                small, big = same_padding(size, k, s, d)
                 begin.append(small if auto == "SAME_UPPER" else big)
                 end.append(big if auto == "SAME_UPPER" else small)
             return begin, end
