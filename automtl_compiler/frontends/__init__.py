@@ -49,7 +49,7 @@ def load_backbone(source: Any, *, input_shape: tuple[int, ...] | None = None,
                            "a .prototxt, .onnx or .json path, torchvision:NAME or timm:NAME")
     text = str(source)
     if text.startswith("torchvision:"):
-        from .fx import torchvision_model
+        from .zoo import torchvision_model
         return _from_module(torchvision_model(text.split(":", 1)[1]), input_shape, weights, strict, owned=True)
     if text.startswith("timm:"):
         from .zoo import timm_model

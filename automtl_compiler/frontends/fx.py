@@ -44,17 +44,6 @@ _METHODS = {**fx_functions.METHODS, **fx_tensors.METHODS}
 _HANDLER_ERRORS = (AutomtlError, ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError)
 
 
-def torchvision_model(name: str) -> nn.Module:
-    """A torchvision classification model with random weights (nothing is downloaded)."""
-    import torchvision
-
-    try:
-        return torchvision.models.get_model(name, weights=None)
-    except ValueError:
-        names = ", ".join(torchvision.models.list_models(module=torchvision.models))
-        raise AutomtlError(f"torchvision has no model '{name}'; known models: {names}") from None
-
-
 def _first_opaque(a: Any) -> Opaque | None:
     if isinstance(a, Opaque):
         return a
@@ -277,4 +266,4 @@ def from_module(module: nn.Module, *, input_shape: tuple[int, ...] = (1, 3, 224,
                          "expects") from None
 
 
-__all__ = ["from_module", "torchvision_model"]
+__all__ = ["from_module"]

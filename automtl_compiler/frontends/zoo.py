@@ -1,4 +1,5 @@
-"""``timm:NAME`` backbones: a timm model built with random weights (nothing is downloaded)."""
+"""``torchvision:NAME`` and ``timm:NAME`` backbones: library models built with random weights (nothing is
+downloaded)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,14 @@ def timm_model(name: str) -> nn.Module:
         hint = f"; did you mean {', '.join(close)}?" if close else "; timm.list_models() lists them"
         raise AutomtlError(f"timm has no model '{name}'{hint}")
     return timm.create_model(name, pretrained=False)
+
+
+def torchvision_model(name: str) -> nn.Module:
+    """A torchvision classification model with random weights (nothing is downloaded)."""
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(name, weights=None)
+    except ValueError:
+        names = ", ".join(torchvision.models.list_models(module=torchvision.models))
+        raise AutomtlError(f"torchvision has no model '{name}'; known models: {names}") from None
