@@ -137,6 +137,14 @@ class SuperModel(nn.Module):
         """The policy-able nodes (conv node names), in topological order."""
         return [u.conv for u in self.units]
 
+    def unit_depths(self) -> dict[str, int]:
+        """Unit (conv node) -> its 0-based conv depth along the longest path from the input."""
+        return {u.conv: u.depth for u in self.units}
+
+    def node_shape(self, node: str) -> tuple[int, ...]:
+        """The shape (batch 1) of a trunk node's value, e.g. of :meth:`trunk_end`."""
+        return tuple(self.mt.graph.node(node).shape or ())
+
     def policy_parameters(self) -> list[nn.Parameter]:
         """The policy logits (what the policy optimiser trains)."""
         return list(self.policy.parameters())

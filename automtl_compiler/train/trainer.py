@@ -328,7 +328,7 @@ class Trainer:
                                    "but the sampled policy gives the tasks different first layers; set "
                                    "stages.sample.share_first (e.g. 4) so that early layers are shared, or use "
                                    "another scheduler")
-            shape = tuple(self.model.mt.graph.node(end).shape) if end is not None else None
+            shape = self.model.node_shape(end) if end is not None else None
         self.scheduler.to(self.device)
         self.scheduler.prepare(self._stage_params(stage), shape)
         self._prepared = self.state["scheduler_stage"] = stage
@@ -633,7 +633,7 @@ class Trainer:
         metrics = self.evaluate("fixed", policy)
         compact = prune(self.model, policy)
         units = policy_data(self.model.policy_distribution(), policy.choices,
-                            {u.conv: u.depth for u in self.model.units})
+                            self.model.unit_depths())
         report = {"tasks": metrics, "directions": {t: self.task_types[t].metric_directions for t in self.tasks},
                   "policy": policy.counts(), "policy_units": units,
                   "parameters": {"compact": compact.num_parameters(), **compact.reference},
