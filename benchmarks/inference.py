@@ -154,7 +154,7 @@ def policies(sm: SuperModel, seed: int, half_by: str = "units") -> dict[str, Pol
     units = sm.unit_names
     shared = len(units) // 2
     if half_by == "flops":
-        graph = sm.mt.graph
+        graph = sm.mt.trunk
         total, done, before = graph.flops(), 0, {}
         for node in graph.topological_order():
             before[node.name] = done
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> str:
     heads = {t: ASPPHead(channels, TASKS[t], hidden=args.hidden) for t in names}
     sm = build_supermodel(graph, heads, feature_node=feature).eval()
     pols = policies(sm, args.seed, args.half_by)
-    feature_shape = sm.mt.graph.node(sm.mt.feature_node).shape
+    feature_shape = sm.mt.trunk.node(sm.mt.feature_node).shape
     macs_heads = sum(head_macs(h, feature_shape) for h in heads.values())
 
     rows: list[list[str]] = []

@@ -4,6 +4,7 @@ compact model; task names that cannot be module keys are one clear error."""
 
 from __future__ import annotations
 
+import dataclasses
 import keyword
 import unicodedata
 
@@ -22,7 +23,7 @@ from automtl_compiler.nn.compact import CompactModel, prune
 from automtl_compiler.nn.heads import ClassificationHead
 from automtl_compiler.nn.policy import Policy
 from automtl_compiler.nn.supermodel import SuperModel
-from automtl_compiler.passes.multitask import MultiTaskGraph, insert_task_branches
+from automtl_compiler.passes.multitask import insert_task_branches
 from tests.helpers import Tiny
 
 TASKS = ("seg", "depth")
@@ -265,10 +266,9 @@ def test_task_names_that_cannot_be_module_keys_are_one_clear_error(task, message
         build_supermodel(Tiny(), {task: ClassificationHead(8, 2)}, input_shape=SHAPE)
     assert repr(task) in str(info.value) and "rename the task" in str(info.value)
     assert "\n" not in str(info.value)
-    graph = insert_task_branches(load_backbone(Tiny(), input_shape=SHAPE), ["ok"]).graph
+    mt = insert_task_branches(load_backbone(Tiny(), input_shape=SHAPE), ["ok"])
     with pytest.raises(AutomtlError, match=message):
-        SuperModel(MultiTaskGraph(graph, [task], insert_task_branches(graph, ["ok"]).units),
-                   {task: ClassificationHead(8, 2)})
+        SuperModel(dataclasses.replace(mt, tasks=[task]), {task: ClassificationHead(8, 2)})
 
 
 def test_task_names_near_reserved_ones_work(tmp_path):

@@ -43,7 +43,7 @@ def conv_macs(module: nn.Module, *args: torch.Tensor, **kwargs) -> int:
 
 
 def test_head_macs_count_every_convolution(small):
-    feature = small.mt.graph.node(small.mt.feature_node).shape
+    feature = small.mt.trunk.node(small.mt.feature_node).shape
     for task, head in small.heads.items():
         x = torch.zeros(1, *feature[1:])
         assert head_macs(head, feature, (1, 3, 12, 12)) == conv_macs(head, x) > 0, task
@@ -54,8 +54,8 @@ def uniform(small, choice: str) -> Policy:
 
 
 def test_cost_of_sharing_everything_and_nothing(small):
-    trunk = small.mt.graph.flops() // 2  # the graph is recorded at batch 2; costs are per sample
-    feature = small.mt.graph.node(small.mt.feature_node).shape
+    trunk = small.mt.trunk.flops() // 2  # the graph is recorded at batch 2; costs are per sample
+    feature = small.mt.trunk.node(small.mt.feature_node).shape
     heads = sum(head_macs(h, feature, (1, 3, 12, 12)) for h in small.heads.values())
     shared = policy_cost(small, uniform(small, "share"))
     assert shared["all_tasks"] == trunk + heads
@@ -70,9 +70,9 @@ def test_cost_counts_a_shared_prefix_once(small):
     three times, one call runs it once."""
     choices = {t: {u: ("share" if i == 0 else "specific") for i, u in enumerate(small.unit_names)} for t in small.tasks}
     cost = policy_cost(small, Policy(choices))
-    stem = small.mt.graph.node(small.unit_names[0])
-    bn = small.mt.graph.node(small.units[0].bn)
-    g = small.mt.graph
+    stem = small.mt.trunk.node(small.unit_names[0])
+    bn = small.mt.trunk.node(small.units[0].bn)
+    g = small.mt.trunk
     relu = next(n for n in g.nodes() if n.inputs == [bn.name])
     assert relu.op == "relu"
     stem_ops = (g.node_flops(stem) + g.node_flops(bn) + g.node_flops(relu)) // 2

@@ -162,9 +162,16 @@ class Graph:
         """``name`` and every node it depends on."""
         return nx.ancestors(self.nx, name) | {name}
 
-    def copy(self) -> Graph:
-        """A deep copy: passes transform copies, never their input."""
-        return copy.deepcopy(self)
+    def copy(self, *, share_tensors: bool = False) -> Graph:
+        """A deep copy: passes transform copies, never their input.
+
+        With ``share_tensors`` the copy's nodes hold the same tensor objects (only the structure is new):
+        what passes that rewrite structure use, so that weights stay shared by identity.
+        """
+        if not share_tensors:
+            return copy.deepcopy(self)
+        memo = {id(t): t for n in self.nodes() for t in (*n.params.values(), *n.buffers.values())}
+        return copy.deepcopy(self, memo)
 
     # ------------------------------------------------------------ shapes and tensors
     def materialise(self, seed: int | None = 0, *, complete: bool = True) -> Graph:

@@ -81,3 +81,16 @@ class LayerNormDim(nn.Module):
         back = sorted(range(rank), key=to_last.__getitem__)
         y = F.layer_norm(x.permute(to_last), self.weight.shape, self.weight, self.bias, self.eps)
         return y.permute(back)
+
+
+class SubsampledConv2d(nn.Conv2d):
+    """A 1x1 strided convolution computed as subsampling then a stride-1 convolution: the same function.
+
+    oneDNN's strided 1x1 weight-gradient kernel writes past its scratch buffer for channels_last inputs
+    with fewer than 16 channels (oneDNN issue 6035; glibc then reports heap corruption), which a skip
+    projection on the image meets; subsampling first never calls that kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh, sw = self.stride
+        return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias)

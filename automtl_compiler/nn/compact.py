@@ -20,43 +20,33 @@ from ..errors import AutomtlError
 from ..ir.graph import Graph
 from ..passes.fold_bn import fold_batchnorm
 from ..passes.prune import prune_graph
+from .compact_io import load_compact, save_compact
+from .cost import graph_cost
 from .heads import apply_head
 from .policy import Policy
 from .supermodel import SuperModel
 
 
-def _module_tensors(module: nn.Module, memo: dict[int, torch.Tensor],
-                    copy_tensors: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(params, buffers) of a conv or batch-norm module, detached (and copied when ``copy_tensors``), one
-    tensor per source tensor."""
+def pruned_graph(supermodel: SuperModel, policy: Policy, *, copy_tensors: bool = True) -> Graph:
+    """The IR of ``supermodel`` pruned to ``policy`` (:func:`~automtl_compiler.passes.prune.prune_graph`).
+
+    The graph holds detached copies of the weights it keeps (a tensor shared by several nodes stays one
+    tensor); with ``copy_tensors=False`` it holds the SuperModel's own tensors, detached: enough to count
+    its cost.
+    """
+    policy.check(supermodel.tasks, supermodel.unit_names)
+    graph = prune_graph(supermodel.synced_graph(), policy.choices)
+    memo: dict[int, torch.Tensor] = {}
+
     def own(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in memo:
             memo[id(t)] = t.detach().clone() if copy_tensors else t.detach()
         return memo[id(t)]
-    params = {k: own(v) for k, v in module.named_parameters(recurse=False)}
-    buffers = {k: own(v) for k, v in module.named_buffers(recurse=False) if v is not None}
-    return params, buffers
 
-
-def pruned_graph(supermodel: SuperModel, policy: Policy, *, copy_tensors: bool = True) -> Graph:
-    """The IR of ``supermodel`` pruned to ``policy`` (see ``passes.prune``). With ``copy_tensors=False`` its
-    nodes hold the SuperModel's own tensors (detached, not copied): enough to count its cost."""
-    policy.check(supermodel.tasks, supermodel.unit_names)
-    memo: dict[int, torch.Tensor] = {}
-
-    def tensors(kind: str, node: str, task: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-        key = supermodel.module_names.get(node)
-        if key is None:
-            return {}, {}
-        if kind == "backbone":
-            return _module_tensors(supermodel.backbone[key], memo, copy_tensors)
-        if kind in ("specific_conv", "specific_bn"):
-            return _module_tensors(supermodel.specific[key][task][kind.split("_")[1]], memo, copy_tensors)
-        if kind in ("skip_conv", "skip_bn"):
-            return _module_tensors(getattr(supermodel.skip[key][task], kind.split("_")[1]), memo, copy_tensors)
-        return {}, {}
-
-    return prune_graph(supermodel.mt, policy.choices, tensors)
+    for node in graph.nodes():
+        node.params = {k: own(v) for k, v in node.params.items()}
+        node.buffers = {k: own(v) for k, v in node.buffers.items()}
+    return graph
 
 
 def prune(supermodel: SuperModel, policy: Policy, *, fold_bn: bool = False) -> CompactModel:
@@ -67,14 +57,14 @@ def prune(supermodel: SuperModel, policy: Policy, *, fold_bn: bool = False) -> C
     """
     graph = pruned_graph(supermodel, policy)
     if fold_bn:
-        graph = fold_batchnorm(graph)
+        graph = fold_batchnorm(graph).graph
     heads = {t: copy.deepcopy(supermodel.heads[t]) for t in supermodel.tasks}
     counts = supermodel.parameter_counts()
-    trunk_params = supermodel.mt.graph.num_parameters()
+    trunk = supermodel.mt.trunk
     head_params = {t: sum(p.numel() for p in h.parameters()) for t, h in heads.items()}
     reference = {"supermodel_params": counts["total"],
-                 "single_task_params": sum(trunk_params + head_params[t] for t in heads),
-                 "trunk_params": trunk_params, "trunk_flops": supermodel.mt.graph.flops()}
+                 "single_task_params": sum(trunk.num_parameters() + head_params[t] for t in heads),
+                 "trunk_params": trunk.num_parameters(), "trunk_flops": trunk.flops()}
     return CompactModel(graph, supermodel.tasks, heads, policy, reference)
 
 
@@ -154,9 +144,7 @@ class CompactModel(nn.Module):
             lines.append(f"  parameter saving vs single-task models: {1 - params / ref['single_task_params']:.1%}; "
                          f"trunk FLOPs vs {len(self.tasks)} single-task trunks: "
                          f"{flops / (ref['trunk_flops'] * len(self.tasks)):.2f}x")
-        from .cost import compact_cost
-
-        cost = compact_cost(self)
+        cost = graph_cost(self.graph, self.tasks, self.heads)
         lines.append(f"  multiply-accumulates per sample, heads included: all tasks in one call {cost['all_tasks']:,} = "
                      f"{cost['ratio']:.2f}x the tasks one by one ({cost['one_by_one']:,}; smaller is better)")
         return "\n".join(lines)
@@ -164,8 +152,6 @@ class CompactModel(nn.Module):
     # ------------------------------------------------------------ files
     def save(self, directory: str | Path) -> Path:
         """Write the model to a directory: IR JSON + safetensors (shared weights once), heads, policy."""
-        from .compact_io import save_compact
-
         return save_compact(self, directory)
 
     @classmethod
@@ -176,6 +162,4 @@ class CompactModel(nn.Module):
         ``trust_code=True`` lets heads recorded as ``package.module:Class`` be imported (only for files
         you trust: importing runs code); built-in and registered heads never need it.
         """
-        from .compact_io import load_compact
-
-        return load_compact(directory, heads, trust_code=trust_code)
+        return load_compact(cls, directory, heads, trust_code=trust_code)

@@ -44,15 +44,13 @@ def save_compact(model: CompactModel, directory: str | Path) -> Path:
     return directory
 
 
-def load_compact(directory: str | Path, heads: dict[str, nn.Module] | None = None,
+def load_compact(cls: type[CompactModel], directory: str | Path, heads: dict[str, nn.Module] | None = None,
                  trust_code: bool = False) -> CompactModel:
     """Read a directory written by :func:`save_compact`.
 
     Heads are rebuilt as by :func:`~automtl_compiler.nn.supermodel_io.load_supermodel`: a
     ``package.module:Class`` head is imported only with ``trust_code=True``.
     """
-    from .compact import CompactModel
-
     directory = Path(directory)
     meta = directory / "compact.json"
     doc = read_document(meta, "compact model description (compact.json)", FORMAT, 1)
@@ -69,6 +67,6 @@ def load_compact(directory: str | Path, heads: dict[str, nn.Module] | None = Non
         raise damaged(meta, "reference", f"null or whole numbers >= 0 for {', '.join(REFERENCE_KEYS)}", reference)
     built = build_heads(doc["heads"], heads, str(meta), trust_code=trust_code)
     graph = load_graph(directory / "graph.json")
-    model = CompactModel(graph, tasks, built, policy, reference)
+    model = cls(graph, tasks, built, policy, reference)
     load_state(model.heads, directory / "heads.safetensors")
     return model

@@ -15,12 +15,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..ir.graph import Graph
+from ..passes.prune import prune_graph
 from .heads import apply_head
 from .policy import Policy
-from .supermodel import SuperModel
 
 if TYPE_CHECKING:
     from .compact import CompactModel
+    from .supermodel import SuperModel
 
 
 def head_macs(head: nn.Module, feature_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> int:
@@ -67,6 +68,6 @@ def compact_cost(compact: CompactModel) -> dict[str, Any]:
 def policy_cost(supermodel: SuperModel, policy: Policy) -> dict[str, Any]:
     """:func:`graph_cost` of ``supermodel`` pruned to ``policy``, without copying weights or generating
     code (the sample stage prices every candidate)."""
-    from .compact import pruned_graph
-
-    return graph_cost(pruned_graph(supermodel, policy, copy_tensors=False), supermodel.tasks, supermodel.heads)
+    policy.check(supermodel.tasks, supermodel.unit_names)
+    graph = prune_graph(supermodel.synced_graph(), policy.choices)
+    return graph_cost(graph, supermodel.tasks, supermodel.heads)

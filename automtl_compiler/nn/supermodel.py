@@ -1,75 +1,56 @@
 """The SuperModel: a backbone with per-task share / specific / skip branches, policy logits and heads.
 
-Forward passes run generated code. For each kind of call (a discrete plan, soft Gumbel gates, or
-pre-training) and each set of requested tasks, the model emits one ``torch.fx`` graph covering all those
-tasks and caches it. While emitting, an expression that applies the same module to the same value is
-emitted once (common-subexpression elimination), so whatever tasks share - the image, and every unit
-before their policies first differ - runs once in ``forward_all``.
+It is what the one code generator (:mod:`automtl_compiler.backends.torch_codegen`) makes of the
+multi-task graph (:mod:`automtl_compiler.passes.multitask`): the graph's modules live under
+``backbone``/``specific``/``skip``, and for each kind of call - a discrete plan, soft Gumbel gates, or
+pre-training - and each set of requested tasks, the model generates one ``torch.fx`` module from a copy of
+the graph reduced by the pruning passes (gates bound to the plan, common subexpressions merged, dead
+branches removed) and caches it. So whatever tasks share - the image, and every unit before their
+policies first differ - runs once in ``forward_all``.
 """
 
 from __future__ import annotations
 
-import copy
-import operator
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..backends.names import Namer, check_task_name, module_name
+from ..backends.names import check_task_name
+from ..backends.torch_codegen import generate, install_modules
 from ..errors import AutomtlError
-from ..ir.ops import get_op
-from ..passes.multitask import BRANCHES, MultiTaskGraph, SkipSpec, Unit
+from ..ir.graph import Graph
+from ..passes.infra import run_passes
+from ..passes.multitask import BRANCHES, MultiTaskGraph, Unit
+from ..passes.prune import (
+    bind_gates,
+    common_trunk_end,
+    eliminate_common_subexpressions,
+    eliminate_dead_code,
+    inline_selects,
+    keep_outputs,
+)
 from .heads import apply_head
 from .policy import Policy, gumbel_softmax
+from .supermodel_io import load_supermodel, save_supermodel
 
 MODES = ("hard", "soft", "fixed", "pretrain")
 REGULARISER_SCALE = 6.0
 _CACHE_SIZE = 64
 
 
-def mix3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """g[0]·a + g[1]·b + g[2]·c: the soft-mode output of a unit."""
-    return a * g[0] + b * g[1] + c * g[2]
-
-
-def mean3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """(a + b + c) / 3: the pre-training output of a unit (AutoMTL's ``pre_train_all``)."""
-    return (a + b + c) / 3.0
-
-
-class SkipProjection(nn.Module):
-    """The skip branch of a unit whose shape changes: shift/crop onto the conv's grid, 1x1 conv, batch norm."""
-
-    def __init__(self, spec: SkipSpec, bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> None:
-        super().__init__()
-        self.pad = tuple(spec.pad) if any(spec.pad) else None
-        self.conv = nn.Conv2d(spec.in_channels, spec.out_channels, 1, stride=spec.stride, bias=False)
-        self.bn = nn.BatchNorm2d(spec.out_channels, eps=bn_eps, momentum=bn_momentum)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pad is not None:
-            x = F.pad(x, self.pad)
-        sh, sw = self.conv.stride
-        if (sh, sw) != (1, 1):
-            # the same function, but oneDNN's strided 1x1 weight-gradient kernel writes past its buffer on
-            # channels_last inputs with fewer than 16 channels (oneDNN issue 6035): subsample, then stride 1
-            return self.bn(F.conv2d(x[:, :, ::sh, ::sw], self.conv.weight))
-        return self.bn(self.conv(x))
-
-
 class SuperModel(nn.Module):
-    """AutoMTL's supermodel, compiled from a :class:`MultiTaskGraph` and a head per task.
+    """AutoMTL's supermodel, generated from a :class:`MultiTaskGraph` and a head per task.
 
     State-dict names say where a tensor belongs: ``backbone.<node>.*`` (shared), ``specific.<conv>.<task>.
-    {conv,bn}.*``, ``skip.<conv>.<task>.*``, ``policy.<conv>.<task>`` (logits over [share, specific, skip])
-    and ``heads.<task>.*``. ``<node>`` and ``<conv>`` are the nodes' attribute names, made unique exactly as
-    in ``to_torch`` (:mod:`automtl_compiler.backends.names`); ``module_names`` maps IR node -> attribute.
+    {conv,bn}.*``, ``skip.<conv>.<task>.{conv,bn}.*``, ``policy.<conv>.<task>`` (logits over [share, specific,
+    skip]) and ``heads.<task>.*``. ``<node>`` and ``<conv>`` are the nodes' attribute names, made unique
+    exactly as in ``to_torch`` (:mod:`automtl_compiler.backends.names`); ``module_names`` maps IR node ->
+    attribute.
     """
 
     def __init__(self, mt: MultiTaskGraph, heads: dict[str, nn.Module]) -> None:
@@ -83,46 +64,19 @@ class SuperModel(nn.Module):
         self.mt = mt
         self.tasks: list[str] = list(mt.tasks)
         self.units: list[Unit] = list(mt.units)
-        self._unit_of_output = {u.output: u for u in self.units}
-        self._unit_of_conv = {u.conv: u for u in self.units}
-        self._in_unit = {u.bn for u in self.units if u.bn}
-        self._in_unit_only = {u.conv for u in self.units if u.bn}  # convs whose unit output is their BN
+        self.module_names: dict[str, str] = dict(mt.module_names)
         self.backbone = nn.ModuleDict()
-        self._functions: dict[str, tuple[Any, dict[str, Any]]] = {}
-        names = Namer()
-        for node in mt.graph.topological_order():
-            if node.op == "input":
-                continue
-            lowering = get_op(node.op, node.where).lower(node.attrs, node.params, node.buffers)
-            if lowering.module is not None:
-                self.backbone[names(node.name)] = lowering.module
-            else:
-                self._functions[node.name] = (lowering.function, lowering.kwargs)
-        self.module_names: dict[str, str] = dict(names.mapping)
         self.specific = nn.ModuleDict()
         self.skip = nn.ModuleDict()
-        self.policy = nn.ModuleDict()
-        for u in self.units:
-            key = self.module_names[u.conv]
-            self.specific[key] = nn.ModuleDict({t: self._specific_branch(u) for t in self.tasks})
-            if not u.skip.identity:
-                bn = self.backbone[self.module_names[u.bn]] if u.bn else None
-                self.skip[key] = nn.ModuleDict({
-                    t: SkipProjection(u.skip, *((bn.eps, bn.momentum) if bn is not None else ()))
-                    for t in self.tasks})
-            self.policy[key] = nn.ParameterDict({t: nn.Parameter(torch.zeros(3)) for t in self.tasks})
+        install_modules(mt.graph, self, mt.module_paths)
+        self.policy = nn.ModuleDict({self.module_names[u.conv]: nn.ParameterDict(
+            {t: nn.Parameter(torch.zeros(3)) for t in self.tasks}) for u in self.units})
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
         self._fixed: Policy | None = None
         self._compiled: OrderedDict[Any, fx.GraphModule] = OrderedDict()
         levels = mt.num_levels
         self.register_buffer("_depth_weight", torch.tensor([(levels - u.depth) / levels for u in self.units]),
                              persistent=False)
-
-    def _specific_branch(self, u: Unit) -> nn.ModuleDict:
-        branch = nn.ModuleDict({"conv": copy.deepcopy(self.backbone[self.module_names[u.conv]])})
-        if u.bn:
-            branch["bn"] = copy.deepcopy(self.backbone[self.module_names[u.bn]])
-        return branch
 
     def module_key(self, node: str) -> str:
         """The attribute under which IR node ``node``'s modules live (``backbone.<key>``, ``specific.<key>``...)."""
@@ -223,27 +177,29 @@ class SuperModel(nn.Module):
         tasks = tuple(self.tasks if tasks is None else tasks)
         for t in tasks:
             self._check_task(t)
-        z = None
         if mode == "soft":
             if tau <= 0:
                 raise AutomtlError(f"temperature tau must be positive, got {tau}")
             gates = gumbel_softmax(torch.stack([self.logits(t) for t in self.tasks]), tau, generator)
-            feats = self._compiled_for(("soft", tasks))(x, gates)
+            feats, z = self._compiled_for(("soft", tasks))(x, gates), None
         elif mode == "pretrain":
-            feats = self._compiled_for(("pretrain", tasks))(x)
+            gates = torch.full((len(self.tasks), len(self.units), 3), 1 / 3, device=x.device, dtype=x.dtype)
+            feats, z = self._compiled_for(("soft", tasks))(x, gates), None
         elif mode in ("hard", "fixed"):
-            *feats, z = self._compiled_for(("plan", self._plan(mode, tasks, policy)))(x)
+            gm = self._compiled_for(("plan", self._plan(mode, tasks, policy)))
+            out = gm(x)
+            feats, z = out[:len(tasks)], (out[len(tasks)] if gm.meta["automtl_trunk_end"] is not None else None)
         else:
             raise AutomtlError(f"unknown mode '{mode}'; use one of {MODES}")
         outs = {t: apply_head(self.heads[t], f, x) for t, f in zip(tasks, feats)}
         return (outs, z) if feature else outs
 
     def trunk_end(self, mode: str = "fixed", policy: Policy | None = None, tasks: Sequence[str] | None = None) -> str | None:
-        """The backbone node whose output is ``z`` of ``forward_all(..., feature=True)`` (None if there is none)."""
+        """The node (of ``mt.graph``) whose value is ``z`` of ``forward_all(..., feature=True)`` (None if none)."""
         if mode not in ("hard", "fixed"):
             return None
         tasks = tuple(self.tasks if tasks is None else tasks)
-        return self._common_cut(dict(self._plan(mode, tasks, policy)))
+        return self._compiled_for(("plan", self._plan(mode, tasks, policy))).meta["automtl_trunk_end"]
 
     def _check_task(self, task: str) -> None:
         if task not in self.heads:
@@ -258,7 +214,10 @@ class SuperModel(nn.Module):
             raise AutomtlError("mode='fixed' needs a policy: pass policy=... or call set_policy first")
         return tuple((t, tuple(policy.choices[t][u.conv] for u in self.units)) for t in tasks)
 
+    @torch.compiler.disable
     def _compiled_for(self, key: Any) -> fx.GraphModule:
+        """The generated module for a kind of call (cached; generating it is Python work that torch.compile
+        should not trace, so it is one graph break)."""
         gm = self._compiled.get(key)
         if gm is None:
             gm = self._emit(key)
@@ -273,102 +232,48 @@ class SuperModel(nn.Module):
                        policy: Policy | None = None) -> str:
         """The Python source the model runs for a kind of call (for reading and debugging)."""
         tasks = tuple(self.tasks if tasks is None else tasks)
-        key = ("plan", self._plan(mode, tasks, policy)) if mode in ("hard", "fixed") else (mode, tasks)
+        key = ("plan", self._plan(mode, tasks, policy)) if mode in ("hard", "fixed") else ("soft", tasks)
         return self._compiled_for(key).code
 
     # ------------------------------------------------------------ code generation
+    def call_graph(self, key: Any) -> Graph:
+        """The graph a kind of call runs: ``("soft", tasks)`` (gates an input) or ``("plan", ((task,
+        choices), ...))`` (gates bound), each reduced to the requested tasks, common work merged."""
+        kind, spec = key
+        tasks = [t for t, _ in spec] if kind == "plan" else list(spec)
+        graph, _ = eliminate_dead_code(keep_outputs(self.mt.graph, [self.tasks.index(t) for t in tasks]))
+        passes = [eliminate_common_subexpressions, eliminate_dead_code]
+        if kind == "plan":
+            plan: list[Sequence[str]] = [()] * len(self.tasks)
+            for t, choices in spec:
+                plan[self.tasks.index(t)] = choices
+            passes = [lambda g: bind_gates(g, plan), inline_selects, *passes]
+        graph, _ = run_passes(graph, passes)
+        return graph
+
     def _emit(self, key: Any) -> fx.GraphModule:
-        kind = key[0]
-        if kind == "plan":
-            tasks = tuple(t for t, _ in key[1])
-            plans: dict[str, tuple[str, ...] | None] = {t: choice for t, choice in key[1]}
-        else:
-            tasks = key[1]
-            plans = {t: None for t in tasks}
-        emitter = _Emitter()
-        x = emitter.graph.placeholder("x")
-        gates = emitter.graph.placeholder("gates") if kind == "soft" else None
-        outputs: list[fx.Node | None] = []
-        envs: list[dict[str, fx.Node]] = []
-        for t in tasks:
-            env: dict[str, fx.Node] = {}
-            for node in self.mt.graph.topological_order():
-                if node.op == "input":
-                    env[node.name] = x
-                elif node.name in self._unit_of_conv:
-                    u = self._unit_of_conv[node.name]
-                    env[u.output] = self._emit_unit(emitter, u, t, env[node.inputs[0]], kind, plans[t], gates)
-                elif node.name in self._in_unit:
-                    continue
-                elif node.name in self._functions:
-                    fn, kwargs = self._functions[node.name]
-                    env[node.name] = emitter.function(fn, tuple(env[i] for i in node.inputs), kwargs, node.name)
-                else:
-                    env[node.name] = emitter.module(f"backbone.{self.module_names[node.name]}",
-                                                   tuple(env[i] for i in node.inputs), node.name)
-            outputs.append(env[self.mt.feature_node])
-            envs.append(env)
-        if kind == "plan":
-            cut = self._common_cut(plans)  # type: ignore[arg-type]
-            outputs.append(envs[0][cut] if cut is not None else None)
-        emitter.graph.output(tuple(outputs))
-        gm = fx.GraphModule(self, emitter.graph, "SuperModelForward")
+        graph = self.call_graph(key)
+        end = common_trunk_end(graph) if key[0] == "plan" else None
+        outputs = [*graph.outputs, *([end] if end is not None else [])]
+        gm = generate(graph, self, paths=self.mt.module_paths, outputs=outputs, as_tuple=True,
+                      class_name="SuperModelForward")
+        gm.meta["automtl_trunk_end"] = end
         return gm
 
-    def _common_cut(self, plans: dict[str, tuple[str, ...]]) -> str | None:
-        """The last node on every input-to-feature path whose value is the same for all planned tasks.
-
-        A node is common when every unit it depends on is shared by all tasks; among the nodes that
-        dominate the feature node (every path passes through them) the one nearest the feature is the cut.
-        """
-        g = self.mt.graph
-        inputs = g.inputs
-        if len(inputs) != 1 or not plans:
-            return None
-        choices = {u.conv: {plans[t][i] for t in plans} for i, u in enumerate(self.units)}
-        common = ({"share"}, {"skip"})
-        private = {u.output for u in self.units
-                   if len(plans) > 1 and (choices[u.conv] not in common or (choices[u.conv] == {"skip"} and not u.skip.identity))}
-        idom = nx.immediate_dominators(g.nx, inputs[0])
-        tainted: set[str] = set()
-        for node in g.topological_order():
-            if node.name in private or any(i in tainted for i in node.inputs):
-                tainted.add(node.name)
-        node_name = self.mt.feature_node
-        while node_name != inputs[0]:
-            if node_name not in tainted and node_name not in self._in_unit_only:
-                return node_name
-            node_name = idom[node_name]
-        return None
-
-    def _emit_unit(self, em: _Emitter, u: Unit, task: str, x: fx.Node, kind: str,
-                   plan: tuple[str, ...] | None, gates: fx.Node | None) -> fx.Node:
-        key = self.module_names[u.conv]
-        index = self.units.index(u)
-        wanted = (plan[index],) if plan is not None else BRANCHES
-        values = {}
-        if "share" in wanted:
-            v = em.module(f"backbone.{key}", (x,), u.conv)
-            values["share"] = em.module(f"backbone.{self.module_names[u.bn]}", (v,), u.bn) if u.bn else v
-        if "specific" in wanted:
-            v = em.module(f"specific.{key}.{task}.conv", (x,), f"{u.conv}_{task}")
-            values["specific"] = em.module(f"specific.{key}.{task}.bn", (v,), f"{u.bn}_{task}") if u.bn else v
-        if "skip" in wanted:
-            values["skip"] = x if u.skip.identity else em.module(f"skip.{key}.{task}", (x,), f"{u.conv}_skip_{task}")
-        if plan is not None:
-            return values[plan[index]]
-        a, b, c = (values[k] for k in BRANCHES)
-        if kind == "pretrain":
-            return em.function(mean3, (a, b, c), {}, f"{u.output}_{task}")
-        assert gates is not None
-        gate = em.function(operator.getitem, (gates, (self.tasks.index(task), index)), {}, f"g_{key}_{task}")
-        return em.function(mix3, (a, b, c, gate), {}, f"{u.output}_{task}")
+    def synced_graph(self) -> MultiTaskGraph:
+        """``mt`` with every node holding the current tensors of its module (after ``.to()``, buffers are
+        new objects): what pruning and export read, so that they see the trained weights."""
+        for node in self.mt.graph.nodes():
+            path = self.mt.module_paths.get(node.name)
+            if path is not None:
+                module = self.get_submodule(path)
+                node.params = {k: getattr(module, k) for k in node.params}
+                node.buffers = {k: getattr(module, k) for k in node.buffers}
+        return self.mt
 
     # ------------------------------------------------------------ files
     def save(self, directory: str | Path) -> Path:
         """Write the model to a directory: JSON structure + safetensors weights (no pickle)."""
-        from .supermodel_io import save_supermodel
-
         return save_supermodel(self, directory)
 
     @classmethod
@@ -379,9 +284,7 @@ class SuperModel(nn.Module):
         ``trust_code=True`` lets heads recorded as ``package.module:Class`` be imported (only for files
         you trust: importing runs code); built-in and registered heads never need it.
         """
-        from .supermodel_io import load_supermodel
-
-        return load_supermodel(directory, heads, trust_code=trust_code)
+        return load_supermodel(cls, directory, heads, trust_code=trust_code)
 
     # ------------------------------------------------------------ summaries
     def parameter_counts(self) -> dict[str, int]:
@@ -394,9 +297,9 @@ class SuperModel(nn.Module):
     def summary(self) -> str:
         """A readable summary: units, depth levels, feature node, parameters by group and per task."""
         counts = self.parameter_counts()
-        feat = self.mt.graph.node(self.mt.feature_node)
+        feat = self.mt.trunk.node(self.mt.feature_node)
         skips = sum(not u.skip.identity for u in self.units)
-        lines = [f"SuperModel over '{self.mt.graph.name}': {len(self.tasks)} task(s) {', '.join(self.tasks)}",
+        lines = [f"SuperModel over '{self.mt.trunk.name}': {len(self.tasks)} task(s) {', '.join(self.tasks)}",
                  (f"policy-able units: {len(self.units)} convs ({sum(u.bn is not None for u in self.units)} with "
                   f"batch norm, {skips} with a skip projection), depth levels D = {self.mt.num_levels}"),
                  f"feature node: {feat.name} {list(feat.shape or ())}",
@@ -414,23 +317,3 @@ class SuperModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}, units={len(self.units)}, depth levels={self.mt.num_levels}"
-
-
-class _Emitter:
-    """Builds one fx graph, emitting each (target, arguments) expression at most once."""
-
-    def __init__(self) -> None:
-        self.graph = fx.Graph()
-        self.memo: dict[Any, fx.Node] = {}
-
-    def module(self, target: str, args: tuple[Any, ...], name: str) -> fx.Node:
-        key = ("module", target, args)
-        if key not in self.memo:
-            self.memo[key] = self.graph.create_node("call_module", target, args, {}, name=module_name(name))
-        return self.memo[key]
-
-    def function(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> fx.Node:
-        key = ("function", fn, args, tuple(sorted(kwargs.items())))
-        if key not in self.memo:
-            self.memo[key] = self.graph.create_node("call_function", fn, args, kwargs, name=module_name(name))
-        return self.memo[key]

@@ -78,7 +78,7 @@ def save_supermodel(model: SuperModel, directory: str | Path) -> Path:
     doc = {"format": FORMAT, "version": 1, "tasks": model.tasks, "feature_node": model.mt.feature_node,
            "heads": heads, "fixed_policy": model.fixed_policy.to_json() if model.fixed_policy else None}
     save_state(model, directory / "weights.safetensors")
-    save_graph(model.mt.graph, directory / "backbone.json", tensors=False)
+    save_graph(model.mt.trunk, directory / "backbone.json", tensors=False)
     atomic_write(directory / "supermodel.json", lambda tmp: tmp.write_text(json.dumps(doc, indent=1)))
     return directory
 
@@ -97,7 +97,7 @@ def load_state(module: nn.Module, path: Path) -> None:
                      hint="the file does not belong to this model description; write the model again with automtl")
 
 
-def load_supermodel(directory: str | Path, heads: dict[str, nn.Module] | None = None,
+def load_supermodel(cls: type[SuperModel], directory: str | Path, heads: dict[str, nn.Module] | None = None,
                     trust_code: bool = False) -> SuperModel:
     """Read a directory written by :func:`save_supermodel`.
 
@@ -105,8 +105,6 @@ def load_supermodel(directory: str | Path, heads: dict[str, nn.Module] | None = 
     ``package.module:Class`` is imported only with ``trust_code=True`` (model files never run code on
     their own); heads made by hand (spec type ``custom``) must be passed in ``heads``.
     """
-    from .supermodel import SuperModel
-
     directory = Path(directory)
     meta_path = directory / "supermodel.json"
     doc = read_document(meta_path, "SuperModel description (supermodel.json)", FORMAT, 1)
@@ -119,7 +117,7 @@ def load_supermodel(directory: str | Path, heads: dict[str, nn.Module] | None = 
     policy = Policy.from_json(fixed, str(meta_path)) if fixed else None
     graph = load_graph(directory / "backbone.json")
     built = build_heads(doc["heads"], heads, str(meta_path), trust_code=trust_code)
-    model = SuperModel(insert_task_branches(graph, tasks), built)
+    model = cls(insert_task_branches(graph, tasks), built)
     load_state(model, directory / "weights.safetensors")
     if policy is not None:
         model.set_policy(policy.check(model.tasks, model.unit_names, where=str(meta_path)))

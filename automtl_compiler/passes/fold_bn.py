@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from ..ir.graph import Graph
+from .infra import PassResult
 
 
-def fold_batchnorm(graph: Graph) -> Graph:
+def fold_batchnorm(graph: Graph) -> PassResult:
     """A copy of ``graph`` where every conv2d -> batchnorm2d pair (the conv read only by the bn) is one conv."""
     out = Graph(graph.name)
     folded: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
@@ -37,7 +38,7 @@ def fold_batchnorm(graph: Graph) -> Graph:
         out.add_node(node.name, node.op, [rename.get(i, i) for i in node.inputs], node.attrs, params=node.params,
                      buffers=node.buffers, shape=node.shape, source=node.source)
     out.set_outputs([rename.get(o, o) for o in graph.outputs])
-    return out.materialise(seed=None)
+    return PassResult(out.materialise(seed=None), bool(rename))
 
 
 def _fold(conv: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],

@@ -1,4 +1,4 @@
-"""Multi-task insertion: find the policy-able units of a backbone and what their branches are.
+"""Multi-task insertion: a trunk and its tasks -> the multi-task IR graph with every branch as real nodes.
 
 Every ``conv2d`` is policy-able. A conv whose only consumer is a ``batchnorm2d`` forms a *unit* with it:
 the batch norm belongs to the branch (the share branch uses the backbone's batch norm, the specific
@@ -9,19 +9,31 @@ then batch norm) onto the conv's output grid: same stride, and the input shifted
 output position reads the input at the centre of the conv's window; for ordinary convs ("same"
 padding) that shift is zero, which is exactly AutoMTL's projection. For a depthwise conv that changes
 shape, the projection is a dense 1x1 conv (as in AutoMTL), so skipping it mixes channels.
+
+The multi-task graph has the trunk's image input and a ``gates`` input [tasks, units, 3]. For each task
+it holds a copy of the trunk whose backbone nodes hold the trunk's tensors (the same objects: shared
+weights), and in which each unit is its three branches - the share conv (+ batch norm), a specific conv
+(+ batch norm) holding the task's own tensors, the skip identity or projection - combined by a ``mix``
+node reading the task's gates. Output ``k`` is task ``k``'s feature map. This is the one definition of
+what a branch is: the SuperModel is generated from this graph, and pruning is passes over it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 import networkx as nx
+import torch
 
-from ..backends.names import check_task_name
+from ..backends.names import Namer, check_task_name
 from ..errors import AutomtlError
-from ..ir.graph import Graph
+from ..ir.graph import Graph, Node
+from ..ir.ops import get_op
+from ..ir.ops_multitask import BRANCHES
 
-BRANCHES = ("share", "specific", "skip")
+__all__ = ["BRANCHES", "MultiTaskGraph", "SkipSpec", "Unit", "conv_depths", "insert_task_branches", "skip_spec",
+           "validate_tasks"]
 
 
 @dataclass(frozen=True)
@@ -50,21 +62,33 @@ class Unit:
 
     @property
     def output(self) -> str:
-        """The IR node whose value the unit produces."""
+        """The trunk node whose value the unit produces."""
         return self.bn or self.conv
 
 
 @dataclass
 class MultiTaskGraph:
-    """A backbone trunk (ending at the feature node) with its policy-able units and the tasks."""
+    """The multi-task IR of a trunk: ``graph`` (inputs: image, gates; an output per task) and its units.
 
+    ``trunk`` is the single-task backbone (ending at the feature node) it was made from; ``module_paths``
+    maps each node of ``graph`` that is a module to where a SuperModel keeps it: ``backbone.<key>`` for
+    every task's copy of trunk node (one module, shared), ``specific.<key>.<task>.{conv,bn}`` and
+    ``skip.<key>.<task>.{conv,bn}``, ``<key>`` being the unit conv's (or node's) attribute name
+    (:class:`~automtl_compiler.backends.names.Namer` over the trunk, as ``to_torch`` names it).
+    """
+
+    trunk: Graph
     graph: Graph
     tasks: list[str]
-    units: list[Unit] = field(default_factory=list)
+    units: list[Unit]
+    gates: str
+    module_paths: dict[str, str]
+    module_names: dict[str, str]
 
     @property
     def feature_node(self) -> str:
-        return self.graph.outputs[0]
+        """The trunk node every task's head reads."""
+        return self.trunk.outputs[0]
 
     @property
     def num_levels(self) -> int:
@@ -125,23 +149,127 @@ def validate_tasks(tasks: list[str]) -> list[str]:
     return list(tasks)
 
 
-def insert_task_branches(graph: Graph, tasks: list[str]) -> MultiTaskGraph:
-    """Find the units of a trunk (a graph whose single output is the feature map) for ``tasks``."""
-    tasks = validate_tasks(list(tasks))
-    if len(graph.outputs) != 1:
-        raise AutomtlError(f"graph '{graph.name}' must end at one feature node; truncate it first")
-    depths = conv_depths(graph)
+def find_units(trunk: Graph) -> list[Unit]:
+    """The policy-able units of a trunk, in topological order."""
+    depths = conv_depths(trunk)
     units = []
-    for node in graph.topological_order():
+    for node in trunk.topological_order():
         if node.op != "conv2d":
             continue
-        users = graph.consumers(node.name)
+        users = trunk.consumers(node.name)
         bn = None
-        if len(users) == 1 and graph.node(users[0]).op == "batchnorm2d" and node.name not in graph.outputs:
+        if len(users) == 1 and trunk.node(users[0]).op == "batchnorm2d" and node.name not in trunk.outputs:
             bn = users[0]
-        units.append(Unit(node.name, bn, depths[node.name], skip_spec(graph, node.name)))
+        units.append(Unit(node.name, bn, depths[node.name], skip_spec(trunk, node.name)))
     if not units:
-        raise AutomtlError(f"graph '{graph.name}' has no conv2d before the feature node: nothing to share or "
+        raise AutomtlError(f"graph '{trunk.name}' has no conv2d before the feature node: nothing to share or "
                            "specialise")
-    assert nx.is_directed_acyclic_graph(graph.nx)
-    return MultiTaskGraph(graph, tasks, units)
+    return units
+
+
+def _skip_weight(spec: SkipSpec) -> torch.Tensor:
+    """A fresh projection weight, initialised from torch's global generator as ``nn.Conv2d`` initialises it."""
+    weight = torch.empty(spec.out_channels, spec.in_channels, 1, 1)
+    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    return weight
+
+
+class _Builder:
+    """Adds the nodes of the multi-task graph, each name unique, recording module paths."""
+
+    def __init__(self, trunk: Graph, tasks: list[str], units: list[Unit]) -> None:
+        self.trunk, self.tasks, self.units = trunk, tasks, units
+        self.graph = Graph(f"{trunk.name}_multitask")
+        names = Namer()
+        self.keys = {n.name: names(n.name) for n in trunk.topological_order()
+                     if n.op != "input" and get_op(n.op, n.where).lower(n.attrs, n.params, n.buffers).module is not None}
+        self.paths: dict[str, str] = {}
+
+    def fresh(self, name: str) -> str:
+        while name in self.graph:
+            name += "_"
+        return name
+
+    def add(self, name: str, like: Node, inputs: list[str], path: str | None, *, attrs: dict | None = None,
+            op: str | None = None, params: dict | None = None, buffers: dict | None = None) -> str:
+        name = self.fresh(name)
+        self.graph.add_node(name, op or like.op, inputs, like.attrs if attrs is None else attrs,
+                            params=like.params if params is None else params,
+                            buffers=like.buffers if buffers is None else buffers, source=like.source)
+        if path is not None:
+            self.paths[name] = path
+        return name
+
+    def copy_of(self, node: Node, k: int, inputs: list[str]) -> str:
+        """Task ``k``'s copy of a trunk node: the same tensors, its own name unless ``k`` is 0."""
+        name = node.name if k == 0 else f"{node.name}/{self.tasks[k]}"
+        key = self.keys.get(node.name)
+        return self.add(name, node, inputs, None if key is None else f"backbone.{key}")
+
+    def unit(self, u: Unit, k: int, x: str, gates: str, skip_weights: dict) -> str:
+        """The three branches of unit ``u`` for task ``k`` on input ``x``, mixed by the task's gates."""
+        t, key = self.tasks[k], self.keys[u.conv]
+        conv = self.trunk.node(u.conv)
+        bn = self.trunk.node(u.bn) if u.bn else None
+        share = self.copy_of(conv, k, [x])
+        specific = self.add(f"{u.conv}/{t}/specific", conv, [x], f"specific.{key}.{t}.conv",
+                            params={n: v.clone() for n, v in conv.params.items()},
+                            buffers={n: v.clone() for n, v in conv.buffers.items()})
+        if bn is not None:
+            share = self.copy_of(bn, k, [share])
+            specific = self.add(f"{bn.name}/{t}/specific", bn, [specific], f"specific.{key}.{t}.bn",
+                                params={n: v.clone() for n, v in bn.params.items()},
+                                buffers={n: v.clone() for n, v in bn.buffers.items()})
+        skip = x
+        if not u.skip.identity:
+            s = u.skip
+            if any(s.pad):
+                skip = self.add(f"{u.conv}/{t}/skip_pad", conv, [skip], None, op="pad", attrs={"pads": s.pad},
+                                params={}, buffers={})
+            skip = self.add(f"{u.conv}/{t}/skip", conv, [skip], f"skip.{key}.{t}.conv",
+                            attrs={"out_channels": s.out_channels, "kernel_size": 1, "stride": s.stride},
+                            params={"weight": skip_weights[u.conv, t]}, buffers={})
+            bn_attrs = {"eps": bn.attrs["eps"], "momentum": bn.attrs["momentum"]} if bn is not None else {}
+            skip = self.add(f"{u.conv}/{t}/skip_bn", conv, [skip], f"skip.{key}.{t}.bn", op="batchnorm2d",
+                            attrs=bn_attrs, params={}, buffers={})
+        return self.add(f"{u.output}/{t}/mix", conv, [share, specific, skip, gates], None, op="mix",
+                        attrs={"task": k, "unit": self.units.index(u)}, params={}, buffers={})
+
+
+def insert_task_branches(trunk: Graph, tasks: list[str]) -> MultiTaskGraph:
+    """Make the multi-task graph of ``trunk`` (a graph whose single output is the feature map) for ``tasks``.
+
+    The trunk is not changed; the multi-task graph's backbone nodes hold its tensors, the specific
+    branches copies of them, the skip projections fresh ones (from torch's global generator, in unit-major
+    order, as ``nn.Conv2d`` initialises a weight, so that a seeded build gives the same numbers each time).
+    """
+    tasks = validate_tasks(list(tasks))
+    if len(trunk.outputs) != 1:
+        raise AutomtlError(f"graph '{trunk.name}' must end at one feature node; truncate it first")
+    units = find_units(trunk)
+    assert nx.is_directed_acyclic_graph(trunk.nx)
+    skip_weights = {(u.conv, t): _skip_weight(u.skip) for u in units if not u.skip.identity for t in tasks}
+    b = _Builder(trunk, tasks, units)
+    for node in trunk.topological_order():
+        if node.op == "input":
+            b.graph.add_input(node.name, node.shape or (), source=node.source)
+    gates = b.fresh("gates")
+    b.graph.add_input(gates, (len(tasks), len(units), 3), source="policy gates [tasks, units, 3]")
+    by_conv = {u.conv: u for u in units}
+    in_unit = {u.bn for u in units if u.bn}
+    outputs = []
+    for k in range(len(tasks)):
+        env: dict[str, str] = {}
+        for node in trunk.topological_order():
+            if node.op == "input":
+                env[node.name] = node.name
+            elif node.name in by_conv:
+                u = by_conv[node.name]
+                env[u.output] = b.unit(u, k, env[node.inputs[0]], gates, skip_weights)
+            elif node.name not in in_unit:
+                env[node.name] = b.copy_of(node, k, [env[i] for i in node.inputs])
+        outputs.append(env[trunk.outputs[0]])
+    b.graph.set_outputs(outputs)
+    b.graph.materialise(seed=0)  # fills only the skip batch norms' tensors: ones, zeros, running statistics
+    module_names = {n: b.keys[n] for n in b.keys}
+    return MultiTaskGraph(trunk, b.graph, tasks, units, gates, b.paths, module_names)
