@@ -339,3 +339,25 @@ def test_channels_last_soft_step_runs(tmp_path):
         "print('ok')\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_supermodel_saved_before_the_multitask_ir_loads_with_the_same_outputs(tmp_path):
+    """tests/fixtures/supermodel_v1 was written by automtl before the branches were IR nodes (commit 023db14,
+    with its outputs): the format is unchanged, so it loads and computes the same numbers in every mode."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "supermodel_v1"
+    recorded = json.loads((fixture / "outputs.json").read_text())
+    sm = SuperModel.load(fixture).eval()
+    x = torch.linspace(-1, 1, 3 * 64).reshape(1, 3, 8, 8)
+    with torch.no_grad():
+        for mode, outputs in recorded.items():
+            got = sm.forward_all(x, mode=mode)
+            for t, want in outputs.items():
+                torch.testing.assert_close(got[t], torch.tensor(want), rtol=1e-5, atol=1e-6)
+    again = tmp_path / "again"
+    shutil.copytree(fixture, again)
+    sm.save(again)
+    assert (again / "weights.safetensors").read_bytes() == (fixture / "weights.safetensors").read_bytes()
