@@ -189,3 +189,14 @@ def test_composed_passes_equal_the_multitask_graph_under_one_hot_gates(tiny, fla
     pruned = to_torch(pruned_graph.copy()).eval()(x)
     for a, b in zip(full, pruned):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_the_multitask_graph_is_valid_ir_with_the_shapes_it_records(tiny):
+    """insert_task_branches records shapes instead of inferring them: inference must agree, tensors complete."""
+    mt = tiny.mt
+    mt.graph.copy().validate()
+    assert mt.graph.inputs == [mt.trunk.inputs[0], mt.gates]
+    assert len(mt.graph.outputs) == len(mt.tasks)
+    ops = [n.op for n in mt.graph.nodes()]
+    assert ops.count("mix") == len(mt.tasks) * len(mt.units)
+    assert ops.count("conv2d") == len(mt.tasks) * (2 * len(mt.units) + sum(not u.skip.identity for u in mt.units))

@@ -170,8 +170,16 @@ class Graph:
         """
         if not share_tensors:
             return copy.deepcopy(self)
-        memo = {id(t): t for n in self.nodes() for t in (*n.params.values(), *n.buffers.values())}
-        return copy.deepcopy(self, memo)
+        out = Graph(self.name)
+        out.outputs = list(self.outputs)
+        out._order = self._order
+        for name, data in self._g.nodes(data=True):
+            n = data["node"]
+            node = Node(n.name, n.op, list(n.inputs), dict(n.attrs), dict(n.params), dict(n.buffers), n.shape,
+                        n.source)
+            out._g.add_node(name, node=node, order=data["order"])
+        out._g.add_edges_from(self._g.edges)
+        return out
 
     # ------------------------------------------------------------ shapes and tensors
     def materialise(self, seed: int | None = 0, *, complete: bool = True) -> Graph:

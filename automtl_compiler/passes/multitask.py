@@ -191,11 +191,13 @@ class _Builder:
         return name
 
     def add(self, name: str, like: Node, inputs: list[str], path: str | None, *, attrs: dict | None = None,
-            op: str | None = None, params: dict | None = None, buffers: dict | None = None) -> str:
+            op: str | None = None, params: dict | None = None, buffers: dict | None = None,
+            shape: tuple[int, ...] | None = None) -> str:
         name = self.fresh(name)
         self.graph.add_node(name, op or like.op, inputs, like.attrs if attrs is None else attrs,
                             params=like.params if params is None else params,
-                            buffers=like.buffers if buffers is None else buffers, source=like.source)
+                            buffers=like.buffers if buffers is None else buffers, source=like.source,
+                            shape=like.shape if shape is None else shape)
         if path is not None:
             self.paths[name] = path
         return name
@@ -224,14 +226,19 @@ class _Builder:
         if not u.skip.identity:
             s = u.skip
             if any(s.pad):
+                n, c, h, w = self.graph.node(x).shape  # type: ignore[misc]
+                padded = (n, c, h + s.pad[2] + s.pad[3], w + s.pad[0] + s.pad[1])
                 skip = self.add(f"{u.conv}/{t}/skip_pad", conv, [skip], None, op="pad", attrs={"pads": s.pad},
-                                params={}, buffers={})
+                                params={}, buffers={}, shape=padded)
             skip = self.add(f"{u.conv}/{t}/skip", conv, [skip], f"skip.{key}.{t}.conv",
                             attrs={"out_channels": s.out_channels, "kernel_size": 1, "stride": s.stride},
                             params={"weight": skip_weights[u.conv, t]}, buffers={})
             bn_attrs = {"eps": bn.attrs["eps"], "momentum": bn.attrs["momentum"]} if bn is not None else {}
+            c = s.out_channels
             skip = self.add(f"{u.conv}/{t}/skip_bn", conv, [skip], f"skip.{key}.{t}.bn", op="batchnorm2d",
-                            attrs=bn_attrs, params={}, buffers={})
+                            attrs=bn_attrs, params={"weight": torch.ones(c), "bias": torch.zeros(c)},
+                            buffers={"running_mean": torch.zeros(c), "running_var": torch.ones(c),
+                                     "num_batches_tracked": torch.zeros((), dtype=torch.long)})
         return self.add(f"{u.output}/{t}/mix", conv, [share, specific, skip, gates], None, op="mix",
                         attrs={"task": k, "unit": self.units.index(u)}, params={}, buffers={})
 
@@ -270,6 +277,5 @@ def insert_task_branches(trunk: Graph, tasks: list[str]) -> MultiTaskGraph:
                 env[node.name] = b.copy_of(node, k, [env[i] for i in node.inputs])
         outputs.append(env[trunk.outputs[0]])
     b.graph.set_outputs(outputs)
-    b.graph.materialise(seed=0)  # fills only the skip batch norms' tensors: ones, zeros, running statistics
     module_names = {n: b.keys[n] for n in b.keys}
     return MultiTaskGraph(trunk, b.graph, tasks, units, gates, b.paths, module_names)
