@@ -16,8 +16,7 @@ from .nn.heads import create_head, register_head
 from .nn.policy import Policy
 from .nn.supermodel import SuperModel
 from .tasks import get_task, register_task
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "AutomtlError",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from collections.abc import Collection
 
 from .errors import AutomtlError
 
@@ -74,24 +73,3 @@ def construct(cls: type, name: str, what: str, **kwargs: object) -> object:
     except (TypeError, ValueError) as e:
         raise AutomtlError(f"{what} {name}: bad arguments {sorted(kwargs)} ({_one_line(e)}); check them against "
                            f"the constructor of {class_path_of(cls)}") from None
-
-
-def check_registry_name(name: object, caller: str, what: str) -> None:
-    """A registry name is a plain word: no ``:`` (that makes a class path) and no spaces."""
-    if not isinstance(name, str) or not name or ":" in name or any(c.isspace() for c in name):
-        raise AutomtlError(f"{caller}: {name!r} is not a {what} name; use a plain name without ':' or spaces")
-
-
-def add_to_registry(table: dict[str, type], name: str, cls: type, *, replace: bool, reserved: Collection[str],
-                    caller: str) -> type:
-    """``table[name] = cls``, refusing a reserved (built-in) name, and another class under a taken name
-    unless ``replace`` (the same class again, e.g. after a module reload, is fine)."""
-    if name in reserved:
-        raise AutomtlError(f"{caller}: {name!r} is a built-in name; choose another name")
-    old = table.get(name)
-    if old is not None and not replace and class_path_of(old) != class_path_of(cls):
-        raise AutomtlError(f"{caller}: {name!r} is already registered for {class_path_of(old)}; pass "
-                           "replace=True to replace it")
-    table[name] = cls
-    return cls
-

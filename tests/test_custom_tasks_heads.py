@@ -39,12 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def clean_registries():
     """Every registration a test makes is undone, so that other test files see the built-ins only."""
-    tasks, heads = dict(TASK_TYPES), dict(heads_module.HEAD_TYPES)
-    yield
-    TASK_TYPES.clear()
-    TASK_TYPES.update(tasks)
-    heads_module.HEAD_TYPES.clear()
-    heads_module.HEAD_TYPES.update(heads)
+    with TASK_TYPES.snapshot(), heads_module.HEAD_TYPES.snapshot():
+        yield
 
 
 def one_line(err: pytest.ExceptionInfo, *needles: str) -> str:
@@ -211,7 +207,7 @@ def test_head_by_registration_call_and_decorator():
     assert isinstance(create_head("pixel2", 8, 1), Pixel2)
     # a class path of a registered class is not imported, so it needs no trust either
     assert isinstance(make_head(head_spec(create_head("tests.custom_parts:PoolHead", 8, 2))), PoolHead)
-    for name, needle in (("aspp", "built-in"), ("custom", "built-in"), ("a:b", "not a head name")):
+    for name, needle in (("aspp", "built-in"), ("custom", "built-in"), ("a:b", "not a head type name")):
         with pytest.raises(AutomtlError) as err:
             register_head(name, PoolHead)
         one_line(err, needle)
@@ -273,7 +269,7 @@ def test_supermodel_and_compact_round_trip_with_custom_heads(tmp_path):
     sm_pool = tiny_supermodel({"cls": create_head("pool", 8, 2)})
     sm_pool.save(tmp_path / "pool")
     assert isinstance(SuperModel.load(tmp_path / "pool").heads["cls"], PoolHead)
-    del heads_module.HEAD_TYPES["pool"]
+    heads_module.HEAD_TYPES.unregister("pool")
     with pytest.raises(AutomtlError) as err:
         SuperModel.load(tmp_path / "pool", trust_code=True)
     one_line(err, "'pool'", "not registered", "register_head")

@@ -478,9 +478,9 @@ def test_folder_classification_csv_errors(tmp_path):
 # ============================================================================ registry
 
 @pytest.fixture
-def clean_registry(monkeypatch):
-    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
-    monkeypatch.setattr(registry_module, "DATASETS", dict(registry_module.DATASETS))
+def clean_registry():
+    with registry_module.DATASETS.snapshot():
+        yield
 
 
 def test_registry_names_and_defaults_per_dataset(clean_registry):

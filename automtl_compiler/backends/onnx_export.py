@@ -214,7 +214,7 @@ def _input_shape(model: Any, input_shape: Sequence[int] | None) -> tuple[int, ..
 
 def _metadata(model: Any, tasks: list[str], shape: tuple[int, ...], names: list[str],
               ref: tuple[torch.Tensor, ...], axes: dict[str, dict[int, str]] | None, opset: int) -> dict[str, str]:
-    from .. import __version__
+    from ..version import __version__
 
     def dims(name: str, t_shape: Sequence[int]) -> list[int | str]:
         named = (axes or {}).get(name, {})

@@ -20,6 +20,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ..errors import AutomtlError
+from ..registry import Registry
 
 TaskSpec = Mapping[str, str] | Sequence[str]
 ENTRY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -52,8 +53,17 @@ class DatasetEntry:
         return sorted(k for k in named if k not in _FIXED)
 
 
-_REGISTRY: dict[str, DatasetEntry] = {}
-DATASETS: dict[str, Callable[..., Dataset]] = {}
+def _check_entry(name: str, entry: object) -> None:
+    if not isinstance(entry, DatasetEntry) or not callable(entry.factory):
+        factory = getattr(entry, "factory", entry)
+        raise AutomtlError(f"register_dataset: {name!r} needs a Dataset class or factory, got "
+                           f"{type(factory).__name__}")
+
+
+#: dataset name (case-insensitive) -> how to build it, the built-ins and those added with register_dataset
+DATASETS: Registry[DatasetEntry] = Registry(
+    "dataset", caller="register_dataset", check=_check_entry, fold_case=True,
+    hint=" (or give a package.module:Class path to your own Dataset)")
 
 
 def register_dataset(name: str, cls_or_factory: Callable[..., Dataset], defaults: Mapping[str, Any] | None = None,
@@ -65,30 +75,22 @@ def register_dataset(name: str, cls_or_factory: Callable[..., Dataset], defaults
     tasks: ``"mapping"`` (``{task name: kind}``) or ``"names"`` (a list; the names must then be the kinds).
     Re-registering a name is an error unless ``replace``.
     """
-    key = name.lower()
-    if not key or ":" in key:
-        raise AutomtlError(f"register_dataset: bad name {name!r} (':' marks a package.module:Class path)")
-    if key in _REGISTRY and not replace:
-        raise AutomtlError(f"register_dataset: {name!r} is already registered; pass replace=True to replace it")
-    if not callable(cls_or_factory):
-        raise AutomtlError(f"register_dataset: {name!r} needs a Dataset class or factory, got "
-                           f"{type(cls_or_factory).__name__}")
     if tasks_as not in ("mapping", "names"):
         raise AutomtlError(f"register_dataset: tasks_as must be 'mapping' or 'names', got {tasks_as!r}")
-    entry = DatasetEntry(key, cls_or_factory, dict(defaults or {}), tasks_as)
-    _check_options(entry, entry.defaults, f"dataset {name!r} (registered defaults)")
-    _REGISTRY[key] = entry
-    DATASETS[key] = cls_or_factory
+    entry = DatasetEntry(name.lower() if isinstance(name, str) else name, cls_or_factory, dict(defaults or {}),
+                         tasks_as)
+    if callable(cls_or_factory):
+        _check_options(entry, entry.defaults, f"dataset {name!r} (registered defaults)")
+    DATASETS.register(name, entry, replace=replace)
 
 
 def _register_builtin(name: str, cls: Callable[..., Dataset], tasks_as: str) -> None:
-    _REGISTRY[name] = DatasetEntry(name, cls, {}, tasks_as, builtin=True)
-    DATASETS[name] = cls
+    DATASETS.register(name, DatasetEntry(name, cls, {}, tasks_as, builtin=True), builtin=True)
 
 
 def available_datasets() -> list[str]:
     """The registry's dataset names."""
-    return sorted(_REGISTRY)
+    return DATASETS.names()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -167,14 +169,7 @@ def get_dataset(name: str, root: str | Path | None = None, split: str = "train",
     does not take (listing those it does), and any exception of the user's constructor; FileFormatError for
     a directory that does not hold the expected layout.
     """
-    if ":" in name:
-        entry = _import_entry(name)
-    else:
-        key = name.lower()
-        if key not in _REGISTRY:
-            raise AutomtlError(f"unknown dataset {name!r}; known datasets: {', '.join(available_datasets())} "
-                               "(or give a package.module:Class path to your own Dataset)")
-        entry = _REGISTRY[key]
+    entry = _import_entry(name) if ":" in name else DATASETS.lookup(name)
     label = f"dataset {entry.name!r}"
     named, var_kw = entry.signature()
     merged = {**copy.deepcopy(dict(entry.defaults)), **options}

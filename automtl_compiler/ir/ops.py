@@ -23,8 +23,9 @@ from torch import nn
 
 from .. import limits
 from ..errors import GraphError, ShapeError
+from ..registry import Registry
 from . import functional as AF
-from .modules import StdConv2d
+from .modules import StdConv2d, SubsampledConv2d
 
 Shape = tuple[int, ...]
 REQUIRED = object()
@@ -239,24 +240,20 @@ class OpDef:
             raise GraphError(f"{where}: op '{self.name}' takes {want} input(s), got {n}")
 
 
-REGISTRY: dict[str, OpDef] = {}
+#: op name -> OpDef. The modules listed as plugins register the remaining ops when the registry is first read
+#: (this module cannot import them: they import it).
+REGISTRY: Registry[OpDef] = Registry("op", caller="ops.register", error=GraphError, plugins=(
+    f"{__package__}.ops_layout", f"{__package__}.ops_math", f"{__package__}.ops_multitask"))
 
 
-def register(op: OpDef) -> OpDef:
-    """Add ``op`` to the registry (each name once)."""
-    if op.name in REGISTRY:
-        raise ValueError(f"op {op.name} registered twice")
-    REGISTRY[op.name] = op
-    return op
+def register(op: OpDef, *, replace: bool = False) -> OpDef:
+    """Add ``op`` to the registry under ``op.name`` (each name once unless ``replace``); returns it."""
+    return REGISTRY.register(op.name, op, replace=replace)
 
 
 def get_op(name: str, where: str = "") -> OpDef:
-    """Look up an op by name; unknown names are a GraphError listing the known ones."""
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise GraphError(f"{where + ': ' if where else ''}unknown op '{name}'; known ops: "
-                         f"{', '.join(sorted(REGISTRY))}") from None
+    """Look up an op by name; unknown names are a GraphError naming close matches and the known ops."""
+    return REGISTRY.lookup(name, where)
 
 
 def _need_rank(shape: Shape, rank: int, op: str) -> None:
@@ -374,7 +371,9 @@ def _conv_lower(a: dict[str, Any], p: dict[str, torch.Tensor], b: dict[str, torc
     args = (w.shape[1] * a["groups"], a["out_channels"], a["kernel_size"], a["stride"], a["padding"],
             a["dilation"], a["groups"])
     if a["weight_std"] is None:
-        m: nn.Conv2d = nn.Conv2d(*args, bias=a["bias"], device="meta")
+        avoid_onednn_6035 = (a["kernel_size"] == (1, 1) and a["stride"] != (1, 1) and a["padding"] == (0, 0)
+                             and a["groups"] == 1 and w.shape[1] < 16)
+        m: nn.Conv2d = (SubsampledConv2d if avoid_onednn_6035 else nn.Conv2d)(*args, bias=a["bias"], device="meta")
     else:
         m = StdConv2d(*args, bias=a["bias"], device="meta", eps=a["weight_std"], scale=a["weight_scale"],
                       gain=a["weight_gain"])
@@ -684,5 +683,3 @@ def tensor_shapes(op: OpDef, attrs: dict[str, Any], in_shapes: list[Shape], wher
         limits.check_tensor(shape, f"{op.name} tensor '{key}'", where)
     return shapes
 
-
-from . import ops_layout, ops_math  # noqa: F401  (they register the remaining ops)

@@ -19,14 +19,13 @@ from torch import nn
 from .. import limits
 from ..classpath import (
     UntrustedCodeError,
-    add_to_registry,
-    check_registry_name,
     class_path_of,
     construct,
     is_class_path,
     load_class,
 )
 from ..errors import AutomtlError
+from ..registry import Registry
 
 
 def _is_int(v: Any) -> bool:
@@ -118,7 +117,7 @@ def head_spec(head: nn.Module) -> dict:
     spec = getattr(head, "spec", None)
     kind = spec.get("type") if isinstance(spec, dict) else None
     named = isinstance(kind, str) and not is_class_path(kind)
-    if not kind or kind == "custom" or (named and _named_classes().get(kind) is not type(head)):
+    if not kind or kind == "custom" or (named and HEAD_TYPES.get(kind) is not type(head)):
         return {"type": "custom", "class": f"{type(head).__module__}.{type(head).__qualname__}"}
     try:
         return json.loads(json.dumps(spec))
@@ -147,7 +146,7 @@ def build_heads(specs: dict[str, dict], given: dict[str, nn.Module] | None, wher
             raise UntrustedCodeError(f"{where}: task '{task}' has head {kind}, which is code; rerun with "
                                      "--trust-code if you trust this file (or register the head with "
                                      "register_head)")
-        if isinstance(kind, str) and not is_class_path(kind) and kind not in _named_classes():
+        if isinstance(kind, str) and not is_class_path(kind) and kind not in HEAD_TYPES:
             raise AutomtlError(f"{where}: task '{task}' has head type '{kind}', which is not registered in this "
                                f"process; call register_head('{kind}', cls) before loading, or pass "
                                f"heads={{'{task}': module}}")
@@ -184,20 +183,26 @@ def make_head(spec: dict, *, trust_code: bool = False) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------- registry
 
-BUILTIN_HEADS: dict[str, type[nn.Module]] = {"aspp": ASPPHead, "cls": ClassificationHead}
-HEAD_TYPES: dict[str, type[nn.Module]] = {}
-"""Heads registered with :func:`register_head` (name -> class); the built-ins are in ``BUILTIN_HEADS``."""
-
 M = TypeVar("M", bound=type[nn.Module])
 
 
-def _named_classes() -> dict[str, type[nn.Module]]:
-    return {**BUILTIN_HEADS, **HEAD_TYPES}
+def _check_head_class(name: str, cls: object) -> None:
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise AutomtlError(f"register_head({name!r}, ...): {cls!r} is not a torch.nn.Module subclass")
+
+
+BUILTIN_HEADS: dict[str, type[nn.Module]] = {"aspp": ASPPHead, "cls": ClassificationHead}
+#: head type -> class: the built-ins and the heads registered with :func:`register_head`
+HEAD_TYPES: Registry[type[nn.Module]] = Registry(
+    "head type", caller="register_head", check=_check_head_class, builtins_final=True,
+    hint=" (or a name given to register_head, or a class path package.module:Class)")
+HEAD_TYPES.register("aspp", ASPPHead, builtin=True)
+HEAD_TYPES.register("cls", ClassificationHead, builtin=True)
 
 
 def _registered_path(path: str) -> type[nn.Module] | None:
     """The registered or built-in class whose ``package.module:Class`` path is ``path`` (no import)."""
-    for cls in _named_classes().values():
+    for cls in HEAD_TYPES.values():
         if class_path_of(cls) == path:
             return cls
     return None
@@ -219,26 +224,17 @@ def register_head(name: str, cls: M | None = None, *, replace: bool = False) -> 
     since the running program vouched for it. ``aspp``, ``cls`` and ``custom`` are reserved; a name
     already registered for another class needs ``replace=True``. Returns the class.
     """
-    check_registry_name(name, "register_head", "head")
-
-    def add(head_cls: M) -> M:
-        if not isinstance(head_cls, type) or not issubclass(head_cls, nn.Module):
-            raise AutomtlError(f"register_head({name!r}, ...): {head_cls!r} is not a torch.nn.Module subclass")
-        return add_to_registry(HEAD_TYPES, name, head_cls, replace=replace, reserved=(*BUILTIN_HEADS, "custom"),
-                               caller="register_head")
-
-    return add if cls is None else add(cls)
+    if name == "custom":
+        raise AutomtlError("register_head: 'custom' is a built-in name (a head saved without its class); choose "
+                           "another name")
+    return HEAD_TYPES.register(name, cls, replace=replace)
 
 
 def head_class(name: str) -> type[nn.Module]:
     """The head class named by ``aspp``, ``cls``, a registered name or ``package.module:Class`` (imported)."""
     if is_class_path(name):
         return _registered_path(name) or load_class(name, nn.Module, "head", "torch.nn.Module")
-    classes = _named_classes()
-    if name not in classes:
-        raise AutomtlError(f"unknown head type {name!r}; use one of {', '.join(sorted(classes))}, a name given to "
-                           "register_head, or a class path package.module:Class")
-    return classes[name]
+    return HEAD_TYPES.lookup(name)
 
 
 def create_head(name: str, in_channels: int, num_classes: int, **options: Any) -> nn.Module:

@@ -7,17 +7,12 @@ imported on use (configs and Python calls name code; model files never do).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar, overload
 
-from ..classpath import (
-    add_to_registry,
-    check_registry_name,
-    construct,
-    is_class_path,
-    load_class,
-)
+from ..classpath import construct, is_class_path, load_class
 from ..errors import AutomtlError
+from ..registry import Registry
 from .base import TaskType
 from .classification import Classification
 from .depth import DepthZBuffer
@@ -26,36 +21,33 @@ from .segmentation import SegmentSemantic
 
 T = TypeVar("T", bound=type[TaskType])
 
-TASK_TYPES: dict[str, type[TaskType]] = {
-    SegmentSemantic.kind: SegmentSemantic,
-    DepthZBuffer.kind: DepthZBuffer,
-    Normal.kind: Normal,
-    Classification.kind: Classification,
-}
-ALIASES: dict[str, str] = {"depth": DepthZBuffer.kind}
-BUILTIN_KINDS: frozenset[str] = frozenset([*TASK_TYPES, *ALIASES])
+
+def _check_task_class(name: str, cls: object) -> None:
+    if not isinstance(cls, type) or not issubclass(cls, TaskType):
+        raise AutomtlError(f"register_task({name!r}, ...): {cls!r} is not a TaskType subclass; derive the class "
+                           "from automtl_compiler.tasks.TaskType")
+
+
+#: kind -> TaskType subclass, built-ins and those registered with :func:`register_task`
+TASK_TYPES: Registry[type[TaskType]] = Registry(
+    "task kind", caller="register_task", check=_check_task_class, builtins_final=True,
+    hint=" (or name a TaskType subclass as package.module:Class, or register one with register_task)")
+TASK_TYPES.register(SegmentSemantic.kind, SegmentSemantic, builtin=True)
+TASK_TYPES.register(DepthZBuffer.kind, DepthZBuffer, aliases=["depth"], builtin=True)
+TASK_TYPES.register(Normal.kind, Normal, builtin=True)
+TASK_TYPES.register(Classification.kind, Classification, builtin=True)
+#: alias -> kind (read-only, live)
+ALIASES: Mapping[str, str] = TASK_TYPES.aliases
 
 
 def canonical_kind(kind: str) -> str:
     """The registry name of ``kind`` (resolving aliases such as ``depth``); AutomtlError when unknown."""
-    name = ALIASES.get(kind, kind)
-    if name not in TASK_TYPES:
-        known = sorted([*TASK_TYPES, *ALIASES])
-        raise AutomtlError(f"unknown task kind {kind!r}; known kinds: {', '.join(known)} (or name a TaskType "
-                           "subclass as package.module:Class, or register one with register_task)")
-    return name
+    return TASK_TYPES.canonical(kind)
 
 
 def available_tasks() -> list[str]:
     """The canonical task kinds (built-in and registered), sorted."""
-    return sorted(TASK_TYPES)
-
-
-def _check_task_class(cls: object, name: str) -> type[TaskType]:
-    if not isinstance(cls, type) or not issubclass(cls, TaskType):
-        raise AutomtlError(f"register_task({name!r}, ...): {cls!r} is not a TaskType subclass; derive the class "
-                           "from automtl_compiler.tasks.TaskType")
-    return cls
+    return TASK_TYPES.names()
 
 
 @overload
@@ -73,21 +65,14 @@ def register_task(name: str, cls: T | None = None, *, replace: bool = False) -> 
     replaced; a name already registered for another class needs ``replace=True`` (registering the same
     class again, e.g. after a module reload, is fine). Returns the class.
     """
-    check_registry_name(name, "register_task", "task type")
-
-    def add(task_cls: T) -> T:
-        _check_task_class(task_cls, name)
-        return add_to_registry(TASK_TYPES, name, task_cls, replace=replace, reserved=BUILTIN_KINDS,
-                               caller="register_task")
-
-    return add if cls is None else add(cls)
+    return TASK_TYPES.register(name, cls, replace=replace)
 
 
 def task_class(type_name: str) -> type[TaskType]:
     """The TaskType subclass named by a kind, alias, registered name or ``package.module:Class`` path."""
     if is_class_path(type_name):
         return load_class(type_name, TaskType, "task type", "automtl_compiler.tasks.TaskType")
-    return TASK_TYPES[canonical_kind(type_name)]
+    return TASK_TYPES.lookup(type_name)
 
 
 def get_task(type_name: str, /, **options: object) -> TaskType:

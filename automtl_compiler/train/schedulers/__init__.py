@@ -7,34 +7,42 @@ spans of the loop (``metagf``, ``tmt``). Others join with :func:`register`.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ...errors import AutomtlError
+from ...registry import Registry
 from .base import Combiner, MetaScheduler, Scheduler, SpanContext, StepContext
 from .weighted_sum import WeightedSum
 
-#: name -> class, or "module:Class" inside this package (imported when first used)
-REGISTRY: dict[str, type[Scheduler] | str] = {"sum": WeightedSum, "imtl": "imtl:IMTL", "metagf": "metagf:MetaGF",
-                                              "tmt": "tmt:TMT", "torchjd": "jd:TorchJD"}
+S = TypeVar("S", bound=type[Scheduler])
 
 
-def register(name: str, cls: type[Scheduler]) -> None:
-    """Make ``cls`` available to configs as ``scheduler: {name: <name>, ...}``."""
+def _check_scheduler(name: str, cls: object) -> None:
     if not (isinstance(cls, type) and issubclass(cls, (Combiner, MetaScheduler))):
         raise AutomtlError(f"scheduler '{name}': {cls!r} is not a Combiner or MetaScheduler subclass")
-    REGISTRY[name] = cls
+
+
+#: name -> scheduler class; the built-ins other than ``sum`` are imported when first used
+REGISTRY: Registry[type[Scheduler]] = Registry("scheduler", caller="schedulers.register", check=_check_scheduler)
+REGISTRY.register("sum", WeightedSum, builtin=True)
+REGISTRY.register_lazy("imtl", f"{__name__}.imtl:IMTL")
+REGISTRY.register_lazy("metagf", f"{__name__}.metagf:MetaGF")
+REGISTRY.register_lazy("tmt", f"{__name__}.tmt:TMT")
+REGISTRY.register_lazy("torchjd", f"{__name__}.jd:TorchJD")
+
+
+def register(name: str, cls: S | None = None, *, replace: bool = False) -> S | Callable[[S], S]:
+    """Make ``cls`` available to configs as ``scheduler: {name: <name>, ...}``; also a class decorator.
+
+    A name already registered for another class (built-ins included) needs ``replace=True``.
+    """
+    return REGISTRY.register(name, cls, replace=replace)
 
 
 def scheduler_class(name: str) -> type[Scheduler]:
     """The class registered as ``name``; unknown names are a clear error."""
-    if name not in REGISTRY:
-        raise AutomtlError(f"unknown scheduler '{name}'; available: {', '.join(sorted(REGISTRY))}")
-    entry = REGISTRY[name]
-    if isinstance(entry, str):
-        module, _, attr = entry.partition(":")
-        entry = REGISTRY[name] = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
-    return entry
+    return REGISTRY.lookup(name)
 
 
 def create(name: str, tasks: list[str], **options: Any) -> Scheduler:

@@ -128,7 +128,3 @@ class MetaScheduler(Scheduler):
     @abstractmethod
     def run_span(self, ctx: SpanContext) -> dict[str, float]:
         """Train steps ``ctx.start .. ctx.start + ctx.steps - 1``; return per-task mean losses (for logs)."""
-
-    def check_model(self, feature_available: bool, stage: str) -> str | None:
-        """None when the scheduler can run in ``stage``; otherwise what is missing and what would work."""
-        return None

@@ -169,11 +169,6 @@ class TMT(MetaScheduler):
         self._opt: torch.optim.Adam | None = None
 
     # ------------------------------------------------------------ set-up
-    def check_model(self, feature_available: bool, stage: str) -> str | None:
-        if stage not in self.stages:
-            return f"TMT runs in post-train only (it meta-learns on a fixed architecture), not in {stage}"
-        return None if feature_available else NO_TRUNK
-
     def prepare(self, params: list[nn.Parameter], feature_shape: tuple[int, ...] | None) -> None:
         """Create one controller per auxiliary task for a trunk end of ``feature_shape`` and their Adam.
 
