@@ -1,7 +1,10 @@
-"""``build_supermodel``: backbone source + heads -> SuperModel, through the multi-task passes."""
+"""``build_supermodel``: backbone source + heads -> SuperModel, through the multi-task passes;
+``build_from_specs``: the same with heads built from task specs (the ``compile`` command and the trainer)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -9,6 +12,7 @@ from torch import nn
 from .errors import AutomtlError
 from .frontends import load_backbone
 from .ir.graph import Graph
+from .nn.heads import create_head
 from .nn.supermodel import SuperModel
 from .passes.dilate import set_output_stride
 from .passes.feature import find_feature_node, truncate
@@ -38,3 +42,37 @@ def build_supermodel(backbone: Any, heads: dict[str, nn.Module], *, input_shape:
                            f"{spatial}")
     trunk = truncate(graph, feature_node).copy()
     return SuperModel(insert_task_branches(trunk, list(heads)), heads)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A task's head: a head type (``aspp``, ``cls``, a registered name or ``package.module:Class``), how
+    many channels it predicts and its constructor options."""
+
+    kind: str
+    out_channels: int
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def build_heads(specs: Mapping[str, HeadSpec], in_channels: int) -> dict[str, nn.Module]:
+    """One head per task of ``specs`` (in their order) reading a feature of ``in_channels`` channels."""
+    return {task: create_head(s.kind, in_channels, s.out_channels, **dict(s.options)) for task, s in specs.items()}
+
+
+def build_from_specs(graph: Graph, specs: Mapping[str, HeadSpec], *, feature_node: str | None = None,
+                     output_stride: int | None = None) -> SuperModel:
+    """A SuperModel of ``graph`` with heads built from ``specs`` on the feature node's channels.
+
+    ``output_stride`` dilates the backbone first; the feature node defaults to the last spatial node before
+    global pooling. Heads are created in task order after the backbone is read, so a seeded run builds
+    the same initial weights every time.
+    """
+    if output_stride:
+        graph = set_output_stride(graph, output_stride)
+    feature = feature_node or find_feature_node(graph)
+    if feature not in graph:
+        spatial = [n.name for n in graph.topological_order() if len(n.shape or ()) == 4][-5:]
+        raise AutomtlError(f"feature node '{feature}' is not in the backbone; late spatial nodes are {spatial} "
+                           "(`automtl inspect BACKBONE` lists them all)")
+    channels = (graph.node(feature).shape or (0, 0))[1]
+    return build_supermodel(graph, build_heads(specs, channels), feature_node=feature)

@@ -66,7 +66,8 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
         run_directory,
         train_single_task_references,
     )
-    from .train.trainer import Trainer, read_baseline
+    from .train.scoring import read_baseline
+    from .train.trainer import Trainer
 
     cfg = load_config(config, [*(quick_overrides(config, list(overrides)) if quick else []), *overrides])
     out = Path(out)

@@ -36,6 +36,7 @@ import torch
 
 from automtl_compiler.train.config import load_config
 from automtl_compiler.train.run import make_datasets, make_task_types
+from automtl_compiler.train.schedulers.base import MetaScheduler
 from automtl_compiler.train.trainer import Batches, Trainer
 
 from .common import in_fresh_process, peak_rss_mb, print_table
@@ -60,7 +61,7 @@ def make_trainer(args: argparse.Namespace, scheduler: dict[str, Any], out: str) 
     torch.manual_seed(0)
     trainer = Trainer(cfg, out, datasets=datasets, task_types=make_task_types(cfg, datasets["train"]),
                       progress=False, baseline=True)
-    trainer._prepare_scheduler("posttrain")
+    trainer.loop.prepare_scheduler("posttrain")
     return trainer
 
 
@@ -80,10 +81,10 @@ def step_fn(trainer: Trainer, name: str, args: argparse.Namespace, **span: int) 
                         p.grad = g if p.grad is None else p.grad + g
             opt.step()
         return per_task
-    if trainer.scheduler.kind == "meta":
+    if isinstance(trainer.scheduler, MetaScheduler):
         return lambda step: trainer.scheduler.run_span(
             trainer.span_context("posttrain", "fixed", batches, span.get("start", step), span["steps"]))
-    return lambda step: trainer._train_step(batches, step, opt, "fixed", "posttrain")
+    return lambda step: trainer.loop.train_step(batches, step, opt, "fixed", "posttrain")
 
 
 def round_robin(calls: dict[str, Callable[[int], Any]], repeat: int) -> dict[str, float]:

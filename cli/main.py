@@ -258,24 +258,16 @@ def parse_task(text: str) -> tuple[str, int]:
 def compile_(backbone: str, tasks: tuple[str, ...], head: str, head_hidden: int, feature_node: str | None,
              input_shape: str | None, weights: str | None, weights_non_strict: bool, out: str) -> None:
     """Compile BACKBONE into a multi-task SuperModel with a head per --task."""
-    from automtl_compiler import build_supermodel
-    from automtl_compiler.nn.heads import make_head
-    from automtl_compiler.passes.feature import find_feature_node
+    from automtl_compiler.build import HeadSpec, build_from_specs
 
     specs = [parse_task(t) for t in tasks]
     names = [n for n, _ in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise click.BadParameter(f"task name(s) {dup} given twice", param_hint="--task")
+    options = {"hidden": head_hidden} if head == "aspp" else {}
     graph = _load(backbone, input_shape, weights, weights_non_strict)
-    feature = feature_node or find_feature_node(graph)
-    if feature not in graph:
-        raise AutomtlError(f"feature node '{feature}' is not in {backbone}; see `automtl inspect {backbone}`")
-    channels = (graph.node(feature).shape or (0, 0))[1]
-    spec = {"type": head, "in_channels": channels}
-    heads = {n: make_head({**spec, "num_classes": k, **({"hidden": head_hidden} if head == "aspp" else {})})
-             for n, k in specs}
-    model = build_supermodel(graph, heads, feature_node=feature)
+    model = build_from_specs(graph, {n: HeadSpec(head, k, options) for n, k in specs}, feature_node=feature_node)
     model.save(out)
     click.echo(model.summary())
     click.echo(f"wrote {out}")
@@ -355,33 +347,61 @@ def prune_(supermodel: str, policy_path: str, out: str, trust_code: bool) -> Non
 
 
 @main.command(name="export")
-@click.argument("compact", metavar="COMPACT_DIR")
+@click.argument("model_dir", metavar="MODEL_DIR")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
               help="The .onnx file to write (only after it has been verified).")
 @click.option("--task", default=None, help="Export only this task's output and the nodes it needs.")
+@click.option("--view", type=click.Choice(["soft", "pretrain"]), default=None,
+              help="For a SuperModel: 'soft' (default) has a gates input [tasks, units, 3]; 'pretrain' folds "
+                   "the gates to 1/3.")
 @click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True, help="ONNX opset.")
 @click.option("--dynamic-hw", is_flag=True, help="Make height and width dynamic too (the batch always is).")
 @click.option("--static-batch", is_flag=True, help="Fix the batch size to the one of --input-shape.")
 @click.option("--no-verify", is_flag=True, help="Skip running the file in onnxruntime against PyTorch.")
 @click.option("--input-shape", default=None, metavar="N,C,H,W",
-              help="Example input shape (default: the compact model's input shape).")
+              help="Example input shape (default: the model's input shape).")
 @_TRUST
-def export(compact: str, out: str, task: str | None, opset: int, dynamic_hw: bool, static_batch: bool,
-           no_verify: bool, input_shape: str | None, trust_code: bool) -> None:
-    """Export a compact model (from `automtl prune`) to ONNX: one input, one output per task."""
-    from automtl_compiler.backends.onnx_export import export_onnx
-    from automtl_compiler.nn.compact import CompactModel
-
+def export(model_dir: str, out: str, task: str | None, view: str | None, opset: int, dynamic_hw: bool,
+           static_batch: bool, no_verify: bool, input_shape: str | None, trust_code: bool) -> None:
+    """Export MODEL_DIR to ONNX: a compact model (from `automtl prune`; one input, one output per task) or a
+    SuperModel (a directory with supermodel.json; its soft or pre-training view, one output per task)."""
     path = Path(out)
     if path.suffix.lower() != ".onnx":
         raise click.BadParameter(f"'{out}' must end in .onnx", param_hint="-o")
-    model = CompactModel.load(compact, trust_code=trust_code)
-    export_onnx(model, path, input_shape=parse_shape(input_shape), opset=opset, dynamic_batch=not static_batch,
-                dynamic_hw=dynamic_hw, verify=not no_verify, task=task)
-    tasks = [task] if task else model.tasks
+    if (Path(model_dir) / "supermodel.json").is_file():
+        tasks = _export_supermodel(model_dir, path, task, view or "soft", opset, dynamic_hw, static_batch,
+                                   no_verify, input_shape, trust_code)
+        kind = f", {view or 'soft'} view"
+    else:
+        if view is not None:
+            raise click.BadParameter(f"{model_dir} is a compact model (no supermodel.json); --view applies to "
+                                     "SuperModel directories only", param_hint="--view")
+        from automtl_compiler.backends.onnx_export import export_onnx
+        from automtl_compiler.nn.compact import CompactModel
+
+        model = CompactModel.load(model_dir, trust_code=trust_code)
+        export_onnx(model, path, input_shape=parse_shape(input_shape), opset=opset,
+                    dynamic_batch=not static_batch, dynamic_hw=dynamic_hw, verify=not no_verify, task=task)
+        tasks, kind = [task] if task else model.tasks, ""
     size = path.stat().st_size / 2**20
     check = "not verified (--no-verify)" if no_verify else "verified against PyTorch with onnxruntime"
-    click.echo(f"wrote {path} ({size:.1f} MB, opset {opset}, outputs {', '.join(tasks)}; {check})")
+    click.echo(f"wrote {path} ({size:.1f} MB, opset {opset}{kind}, outputs {', '.join(tasks)}; {check})")
+
+
+def _export_supermodel(model_dir: str, path: Path, task: str | None, view: str, opset: int, dynamic_hw: bool,
+                       static_batch: bool, no_verify: bool, input_shape: str | None, trust_code: bool) -> list[str]:
+    """``automtl export`` of a SuperModel directory; returns the exported tasks."""
+    from automtl_compiler.backends.onnx_supermodel import export_supermodel_onnx
+    from automtl_compiler.nn.supermodel import SuperModel
+
+    if dynamic_hw:
+        raise click.BadParameter("a SuperModel is exported with a fixed height and width; drop --dynamic-hw",
+                                 param_hint="--dynamic-hw")
+    model = SuperModel.load(model_dir, trust_code=trust_code)
+    tasks = [task] if task else list(model.tasks)
+    export_supermodel_onnx(model, path, tasks=tasks, view=view, input_shape=parse_shape(input_shape), opset=opset,
+                           dynamic_batch=not static_batch, verify=not no_verify)
+    return tasks
 
 
 @main.command()

@@ -19,7 +19,6 @@ from automtl_compiler.data import (
     Taskonomy,
     collate,
     get_dataset,
-    make_loaders,
     render,
     sample_scene,
     scene_seed,
@@ -439,47 +438,6 @@ def test_collate_stacks_targets():
     assert targets["depth_zbuffer"].shape == (3, 1, 64, 64)
     with pytest.raises(AutomtlError, match="different tasks"):
         collate([ds[0], (ds[1][0], {"normal": ds[1][1]["normal"]})])
-
-
-def first_order(loader) -> list[torch.Tensor]:
-    return [batch[1][next(iter(batch[1]))] for batch in loader]
-
-
-def test_shared_loader_yields_all_targets_with_seeded_order():
-    ds = SyntheticScenes("val", length=10, cache=True)
-    loaders = make_loaders(ds, TASKS, batch_size=4, seed=7)
-    assert loaders.mode == "shared"
-    assert loaders.loader("depth") is loaders.loader("normal")
-    batches = list(loaders.loader("segment_semantic"))
-    assert [b[0].shape[0] for b in batches] == [4, 4, 2]
-    assert set(batches[0][1]) == set(TASKS)
-    again = make_loaders(ds, TASKS, batch_size=4, seed=7)
-    for (x1, _), (x2, _) in zip(batches, again.loader("normal")):
-        assert torch.equal(x1, x2)
-    other = make_loaders(ds, TASKS, batch_size=4, seed=8)
-    assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches, other.loader("normal")))
-
-
-def test_per_task_loaders():
-    ds = SyntheticScenes("val", length=8, cache=True)
-    loaders = make_loaders(ds, ["segment_semantic", "depth"], batch_size=8, mode="per_task", seed=0)
-    assert loaders.mode == "per_task" and loaders.tasks == ("segment_semantic", "depth_zbuffer")
-    (xs, ys), = list(loaders.loader("segment_semantic"))
-    (xd, yd), = list(loaders.loader("depth_zbuffer"))
-    assert list(ys) == ["segment_semantic"] and list(yd) == ["depth_zbuffer"]
-    assert not torch.equal(xs, xd)                       # each task its own order
-    assert torch.equal(xs.sum(0), xd.sum(0)) or torch.allclose(xs.sum(0), xd.sum(0), atol=1e-4)
-    separate = make_loaders({"normal": SyntheticScenes("train", length=4, tasks=["normal"]),
-                             "classification": SyntheticScenes("policy", length=6)},
-                            ["normal", "classification"], batch_size=2)
-    assert separate.mode == "per_task"
-    assert len(separate.loader("classification")) == 3
-    with pytest.raises(AutomtlError, match="no loader"):
-        separate.loader("segment_semantic")
-    with pytest.raises(AutomtlError, match="no dataset"):
-        make_loaders({"normal": ds}, ["normal", "depth"], batch_size=2)
-    with pytest.raises(AutomtlError, match="no targets"):
-        make_loaders(SyntheticScenes(length=2, tasks=["normal"]), ["depth"], batch_size=2)
 
 
 def test_get_dataset_registry_errors(tmp_path):

@@ -220,9 +220,9 @@ class Crash(Exception):
 
 
 def test_bit_flipped_checkpoint_falls_back_to_the_previous_one(whole, tmp_path, monkeypatch, capsys):
-    from automtl_compiler.train import trainer
+    from automtl_compiler.train import loop
 
-    real, calls = trainer.save_checkpoint, []
+    real, calls = loop.save_checkpoint, []
 
     def crashing(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -231,11 +231,11 @@ def test_bit_flipped_checkpoint_falls_back_to_the_previous_one(whole, tmp_path, 
             raise Crash
         return result
 
-    monkeypatch.setattr(trainer, "save_checkpoint", crashing)
+    monkeypatch.setattr(loop, "save_checkpoint", crashing)
     run = tmp_path / "run"
     with pytest.raises(Crash):
         train(CONFIG, TINY, run, progress=False)
-    monkeypatch.setattr(trainer, "save_checkpoint", real)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
     ckpt = run / "checkpoints"
     last, previous = (json.loads((ckpt / n).read_text()) for n in ("last.json", "previous.json"))
     assert (last["state"]["stage"], last["state"]["step"], previous["state"]["step"]) == ("policy", 3, 2)

@@ -108,7 +108,7 @@ def test_meta_schedulers_get_the_pass_length_and_tmt_its_labelled_loader() -> No
     trainer = Trainer(cfg, "/nonexistent-run", datasets=datasets,
                       task_types=make_task_types(cfg, datasets["train"]), progress=False, baseline=True)
     batches = trainer.batches("train", "posttrain")
-    labelled = trainer._labelled_batches("posttrain")
+    labelled = trainer.loop.labelled_batches("posttrain")
     ctx = trainer.span_context("posttrain", "fixed", batches, 0, 1, labelled)
     assert ctx.epoch == len(datasets["train"]) // 8
     assert labelled is not None and len(labelled.dataset) == len(datasets["train"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -49,6 +50,37 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(bad)
     cfg = load_config(ROOT / "configs" / "synthetic-quick.yaml", ["stages.pretrain.iters=7", "scheduler.name=sum"])
     assert cfg["stages"]["pretrain"]["iters"] == 7 and cfg["stages"]["policy"]["tau"] == 5.0
+
+
+def test_typed_config_reads_the_checked_mapping_and_names_bad_keys():
+    import copy
+    import dataclasses
+
+    from automtl_compiler.train.settings import SchedulerSettings, TrainConfig
+
+    cfg = load_config(None, ["stages.pretrain.iters=3", "scheduler={name: imtl, stages: [posttrain]}",
+                             "tasks={normal: {head: cls, weight: 2}, depth: {hidden: 8}}", "input_size=[32, 48]"])
+    s = TrainConfig.from_dict(cfg)
+    assert s.stages.pretrain.iters == 3 and s.stages.pretrain.betas == (0.5, 0.999) and s.input_size == (32, 48)
+    assert s.stages.sample.max_macs_ratio == 0.7 and s.stages.posttrain.init == "policy"
+    assert s.scheduler == SchedulerSettings("imtl", ("posttrain",), {})
+    assert s.task_names == ["normal", "depth"] and s.tasks["normal"].weight == 2.0
+    assert s.tasks["normal"].head_kwargs() == {} and s.tasks["depth"].head_kwargs() == {"hidden": 8}
+    assert TrainConfig.from_dict({}) == TrainConfig.from_dict(load_config(None))  # partial mappings get defaults
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.seed = 1  # type: ignore[misc]
+    for key, value, needle in ((("batch_size",), "8", "'batch_size' must be a whole number"),
+                               (("stages", "pretrain", "itres"), 3, "unknown key 'stages.pretrain.itres'"),
+                               (("stages", "sample", "strategy"), "best", "'stages.sample.strategy'"),
+                               (("scheduler", "stages"), "posttrain", "'scheduler.stages' must be a list")):
+        bad = copy.deepcopy(cfg)
+        node = bad
+        for k in key[:-1]:
+            node = node[k]
+        node[key[-1]] = value
+        with pytest.raises(AutomtlError, match=needle):
+            TrainConfig.from_dict(bad)
+    assert TrainConfig.from_dict(cfg) == s  # the mapping given is never changed
 
 
 def test_tiny_run_writes_every_artifact(tmp_path):
@@ -151,7 +183,7 @@ def test_baselines_and_delta_m(tmp_path):
 def test_bf16_autocast_runs(tmp_path):
     report = train(ROOT / "configs" / "synthetic-quick.yaml", TINY + ["bf16=true", "checkpoint_every=0"],
                    tmp_path / "run", progress=False)
-    assert all(all(v == v for v in m.values()) for m in report["tasks"].values()), "metrics are not NaN"
+    assert all(all(not math.isnan(v) for v in m.values()) for m in report["tasks"].values()), "metrics are not NaN"
 
 
 def test_tensorboard_logging(tmp_path):
@@ -176,7 +208,7 @@ def test_per_task_loaders_give_each_task_its_own_batches(tmp_path):
     trainer = Trainer(cfg, tmp_path / "run", datasets=datasets, task_types=make_task_types(cfg, datasets["train"]),
                       progress=False)
     shared = Batches(datasets["train"], 4, 0, "pretrain")
-    sources = trainer._per_task(shared)
+    sources = trainer.loop.per_task(shared)
     firsts = [sources[t].batch(0)[0] for t in trainer.tasks]
     assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[1], firsts[2])
     assert torch.equal(sources[trainer.tasks[0]].batch(0)[0], firsts[0])  # deterministic per step

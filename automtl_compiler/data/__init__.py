@@ -10,9 +10,16 @@ built-in readers) and ``num_classes`` (output channels per task).
 ``folder`` for a user's own files, or a name added with :func:`register_dataset`) or by
 ``package.module:Class`` path to the user's own Dataset, constructed as ``Class(root=..., split=..., **options)``.
 
->>> from automtl_compiler.data import get_dataset, make_loaders
+:func:`collate` stacks samples into batches ``(images [B, 3, H, W], {task: stacked targets})``:
+
+>>> import torch
+>>> from automtl_compiler.data import collate, get_dataset
 >>> train = get_dataset("synthetic", split="train", length=1000)
->>> loaders = make_loaders(train, ["segment_semantic", "depth_zbuffer", "normal"], batch_size=16)
+>>> loader = torch.utils.data.DataLoader(train, batch_size=16, shuffle=True, collate_fn=collate)
+
+Training draws its batches through :class:`automtl_compiler.train.batches.Batches` (deterministic per step, so
+a resumed run sees the batches the uninterrupted run saw; one batch order per task with
+``dataset.loader: per_task``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from . import layouts
 from .adashare import AdaShareCityscapes, AdaShareNYUv2
 from .cityscapes import Cityscapes
 from .folder import FolderDataset
-from .loaders import TaskLoaders, TaskView, collate, make_loaders
+from .loaders import collate
 from .nyuv2 import NYUv2
 from .registry import (
     DATASETS,
@@ -46,6 +53,6 @@ _register_builtin("cityscapes", layouts.cityscapes, tasks_as="names")
 _register_builtin("taskonomy", Taskonomy, tasks_as="names")
 _register_builtin("folder", FolderDataset, tasks_as="mapping")
 
-__all__ = ["DATASETS", "AdaShareCityscapes", "AdaShareNYUv2", "Cityscapes", "FolderDataset", "NYUv2", "SceneConfig", "SyntheticScenes", "TaskLoaders",
-           "TaskView", "Taskonomy", "available_datasets", "collate", "get_dataset", "make_loaders", "register_dataset",
+__all__ = ["DATASETS", "AdaShareCityscapes", "AdaShareNYUv2", "Cityscapes", "FolderDataset", "NYUv2", "SceneConfig", "SyntheticScenes",
+           "Taskonomy", "available_datasets", "collate", "get_dataset", "register_dataset",
            "render", "render_scenes", "sample_scene", "scene_seed"]

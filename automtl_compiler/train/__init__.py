@@ -1,6 +1,7 @@
 """Training: AutoMTL's three stages, configs, checkpoints and gradient schedulers."""
 
 from .config import DEFAULTS, load_config
+from .settings import TrainConfig
 from .trainer import Trainer
 
-__all__ = ["DEFAULTS", "Trainer", "load_config"]
+__all__ = ["DEFAULTS", "TrainConfig", "Trainer", "load_config"]

@@ -100,10 +100,12 @@ class Batches:
     """Deterministic training batches of one split for one stage; see the module docstring."""
 
     def __init__(self, dataset: Any, batch_size: int, seed: int, stage: str, *, workers: int = 0,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, tasks: tuple[str, ...] | None = None) -> None:
         if len(dataset) == 0:
             raise AutomtlError(f"the {stage} data split is empty")
         self.dataset, self.batch_size, self.seed, self.stage = dataset, batch_size, seed, stage
+        #: The tasks these batches are drawn for (None: every task), e.g. a target task's labelled part.
+        self.tasks = tasks
         self.workers, self.pin_memory = workers, pin_memory
         self.view = EpochView(dataset)
         self.sampler = StepSampler(len(dataset), batch_size, seed, stage)
@@ -135,6 +137,16 @@ class Batches:
         self._iter = None
         self._loader = None
         self._next = -1
+
+
+def labelled_part(dataset: Any, fraction: float, seed: int) -> Any:
+    """The first ``fraction`` (at least one sample) of ``dataset`` in an order drawn from ``seed``: the part
+    whose target labels a semi-supervised scheduler (TMT) uses."""
+    from torch.utils.data import Subset
+
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    keep = max(1, round(min(fraction, 1.0) * len(dataset)))
+    return Subset(dataset, order[:keep].tolist())
 
 
 def eval_loader(dataset: Any, batch_size: int, workers: int = 0, pin_memory: bool = False) -> DataLoader:

@@ -445,6 +445,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
             if not isinstance(node, dict):
                 raise AutomtlError(f"--set {brief(text)}: '{one_line(k, 40)}' is not a mapping")
         node[keys[-1]] = value
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` merged over the defaults and checked: unknown keys, wrong types, values out of range and
+    inconsistent settings are AutomtlErrors naming the dotted key. A checked config passes unchanged."""
     cfg = _merge(DEFAULTS, raw, "")
     _validate(cfg, DEFAULTS)
     _validate_tasks(cfg["tasks"])

@@ -75,8 +75,6 @@ class SpanContext:
 class Scheduler(nn.Module, ABC):
     """What every scheduler has: its tasks, its own optimisers, and what it needs from the model."""
 
-    #: "step" (a Combiner) or "meta" (a MetaScheduler)
-    kind: str = "step"
     #: True when the scheduler cannot work without ``StepContext.feature`` / ``forward(feature=True)``
     needs_feature: bool = False
     #: the trainer stages it can run in; validation rejects any other
@@ -98,8 +96,6 @@ class Scheduler(nn.Module, ABC):
 class Combiner(Scheduler):
     """Turns a step's per-task losses into gradients on the model's parameters."""
 
-    kind = "step"
-
     @abstractmethod
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
         """Fill ``.grad`` of ``ctx.params`` from ``losses`` (task -> scalar); return the optimised loss.
@@ -115,8 +111,6 @@ class Combiner(Scheduler):
 
 class MetaScheduler(Scheduler):
     """Owns spans of the loop: ``run_span`` trains ``ctx.steps`` steps and leaves the model updated."""
-
-    kind = "meta"
     stages = ("pretrain", "posttrain")
 
     def __init__(self, tasks: list[str], span: int = 100) -> None:
