@@ -158,3 +158,16 @@ def test_no_import_cycles():
     cycles = find_cycles(graph)
     report = "\n".join(describe(c, graph) for c in cycles)
     assert not cycles, f"{len(cycles)} import cycle(s):\n{report}"
+
+
+def test_importing_the_package_leaves_the_compiler_stack_unloaded():
+    """torch._dynamo and triton cost ~150 MB of memory and seconds of start-up; nothing may import them eagerly
+    (torch.compiler.disable and torch.utils.flop_counter both do)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, automtl_compiler, automtl_compiler.train.trainer, automtl_compiler.nn.compact; "
+            "print(sorted(m for m in ('torch._dynamo', 'triton', 'torch._inductor') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout

@@ -214,10 +214,8 @@ class SuperModel(nn.Module):
             raise AutomtlError("mode='fixed' needs a policy: pass policy=... or call set_policy first")
         return tuple((t, tuple(policy.choices[t][u.conv] for u in self.units)) for t in tasks)
 
-    @torch.compiler.disable
     def _compiled_for(self, key: Any) -> fx.GraphModule:
-        """The generated module for a kind of call (cached; generating it is Python work that torch.compile
-        should not trace, so it is one graph break)."""
+        """The generated module for a kind of call (cached, least recently used first out)."""
         gm = self._compiled.get(key)
         if gm is None:
             gm = self._emit(key)
