@@ -37,3 +37,25 @@ class Tiny(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+class Small(nn.Module):
+    """A residual net with every kind of unit: a projection skip on the image (3 -> 8), an identity skip, a
+    stride-2 depthwise unit and a padding-0 unit whose skip projection crops its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.valid = nn.Conv2d(8, 16, 3, padding=0)
+        self.bn3 = nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.relu(self.bn1(self.c1(x)) + x)
+        x = torch.relu(self.bn2(self.dw(x)))
+        return torch.relu(self.bn3(self.valid(x)))

@@ -373,19 +373,29 @@ def verify_compact_onnx(path: str | Path, module: torch.nn.Module, inputs: Seque
             raise AutomtlError(f"ONNX verification failed: onnxruntime cannot run the model on an input of shape "
                                f"{list(x.shape)} ({' '.join(str(e).split())[:300]}); {where} was not "
                                "written") from None
-        for name, g, w in zip(output_names, got, want):
-            w = w.detach().cpu().numpy()
-            if g.shape != w.shape:
-                raise AutomtlError(f"ONNX verification failed: output '{name}' has shape {list(g.shape)} in "
-                                   f"onnxruntime but {list(w.shape)} in PyTorch for input {list(x.shape)}; "
-                                   f"{where} was not written")
-            scale = max(1.0, float(np.max(np.abs(w)))) if w.size else 1.0
-            diff = float(np.max(np.abs(g - w))) if w.size else 0.0
-            allowed = atol * scale
-            if not diff <= allowed:  # also catches NaN
-                raise AutomtlError(
-                    f"ONNX verification failed: output '{name}' differs from PyTorch by {diff:.3g} for input "
-                    f"{list(x.shape)} (allowed {allowed:.3g} = {atol:g} x max(1, max |output| = {scale:.3g})); "
-                    f"{where} was not written. Check the model in eval mode, or report this with the model")
-            worst = max(worst, diff / allowed)
+        worst = max(worst, check_outputs(output_names, got, want, atol=atol, input_shape=tuple(x.shape), where=where))
+    return worst
+
+
+def check_outputs(names: Sequence[str], got: Sequence[np.ndarray], want: Sequence[torch.Tensor], *, atol: float,
+                  input_shape: tuple[int, ...], where: str | Path) -> float:
+    """Compare onnxruntime's outputs with PyTorch's, output by output: each must have the same shape and
+    ``max |onnx - torch| <= atol * max(1, max |torch|)``. Returns the worst ratio of difference to allowance;
+    raises AutomtlError naming the output, the input shape and the difference otherwise."""
+    worst = 0.0
+    for name, g, w in zip(names, got, want):
+        w = w.detach().cpu().numpy()
+        if g.shape != w.shape:
+            raise AutomtlError(f"ONNX verification failed: output '{name}' has shape {list(g.shape)} in "
+                               f"onnxruntime but {list(w.shape)} in PyTorch for input {list(input_shape)}; "
+                               f"{where} was not written")
+        scale = max(1.0, float(np.max(np.abs(w)))) if w.size else 1.0
+        diff = float(np.max(np.abs(g - w))) if w.size else 0.0
+        allowed = atol * scale
+        if not diff <= allowed:  # also catches NaN
+            raise AutomtlError(
+                f"ONNX verification failed: output '{name}' differs from PyTorch by {diff:.3g} for input "
+                f"{list(input_shape)} (allowed {allowed:.3g} = {atol:g} x max(1, max |output| = {scale:.3g})); "
+                f"{where} was not written. Check the model in eval mode, or report this with the model")
+        worst = max(worst, diff / allowed)
     return worst

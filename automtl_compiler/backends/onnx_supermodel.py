@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -29,6 +28,7 @@ from .onnx_export import (
     OPSET_RANGE,
     _dedupe_initialisers,
     _torch_export,
+    check_outputs,
 )
 from .torch_codegen import generate
 
@@ -265,20 +265,7 @@ def _verify(path: Path, wrapper: nn.Module, shape: tuple[int, ...], gates_shape:
         except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
             raise AutomtlError(f"ONNX verification failed: onnxruntime cannot run the model on an input of shape "
                                f"{list(inputs[0].shape)} ({one_line(e, 300)}); {shown_as} was not written") from None
-        for name, g, w_t in zip(names, got, want):
-            w_np = w_t.detach().cpu().numpy()
-            if g.shape != w_np.shape:
-                raise AutomtlError(f"ONNX verification failed: output '{name}' has shape {list(g.shape)} in "
-                                   f"onnxruntime but {list(w_np.shape)} in PyTorch for input {list(inputs[0].shape)};"
-                                   f" {shown_as} was not written")
-            scale = max(1.0, float(np.max(np.abs(w_np)))) if w_np.size else 1.0
-            diff = float(np.max(np.abs(g - w_np))) if w_np.size else 0.0
-            allowed = atol * scale
-            if not diff <= allowed:  # also catches NaN
-                raise AutomtlError(
-                    f"ONNX verification failed: output '{name}' differs from PyTorch by {diff:.3g} for input "
-                    f"{list(inputs[0].shape)} (allowed {allowed:.3g} = {atol:g} x max(1, max |output| = "
-                    f"{scale:.3g})); {shown_as} was not written. Report this with the model")
+        check_outputs(names, got, want, atol=atol, input_shape=tuple(inputs[0].shape), where=shown_as)
 
 
 __all__ = ["VIEWS", "export_supermodel_onnx"]

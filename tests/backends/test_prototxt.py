@@ -16,7 +16,7 @@ from automtl_compiler.errors import GraphError, UnsupportedOpError
 from automtl_compiler.frontends.prototxt import load_prototxt
 from tests.helpers import randomised
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mnasnet1_0")
 MODELS = TORCHVISION_MODELS + ("deeplab_resnet34",)
 

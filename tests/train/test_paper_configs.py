@@ -18,7 +18,7 @@ from automtl_compiler.data.adashare import AdaShareCityscapes, AdaShareNYUv2
 from automtl_compiler.train.config import load_config
 from tests.adashare_data import write_adashare_cityscapes, write_adashare_nyuv2
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["stages.pretrain.iters=1", "stages.policy.iters=2", "stages.policy.network_steps=1",
          "stages.policy.policy_steps=1", "stages.posttrain.iters=1", "batch_size=2", "eval_every=0",
          "checkpoint_every=0", "dataset.workers=0"]

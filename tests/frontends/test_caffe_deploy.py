@@ -39,7 +39,7 @@ from tests.caffe_deploy_gen import (
     resnet_deploy,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "caffe"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "caffe"
 
 
 @pytest.fixture(scope="module")
@@ -545,7 +545,7 @@ def test_export_writes_caffe_layers_that_read_back_to_the_same_numbers(tmp_path,
     ("softplus", {"beta": 2.0}, 0, "BNLL"),
 ])
 def test_export_refuses_what_caffe_cannot_express(tmp_path, op, attrs, binary, match):
-    # permute, layernorm and positive pads are AutoMTL dialect layers (tests/test_prototxt_extensions.py).
+    # permute, layernorm and positive pads are AutoMTL dialect layers (tests/backends/test_prototxt_extensions.py).
     dialects = ["caffe"] if op in ("permute", "layernorm", "pad") else ["automtl", "caffe"]
     for dialect in dialects:
         with pytest.raises(UnsupportedOpError, match=match) as info:

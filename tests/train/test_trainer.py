@@ -19,7 +19,7 @@ from automtl_compiler.errors import AutomtlError, FileFormatError
 from automtl_compiler.train.config import load_config
 from automtl_compiler.train.run import train
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["backbone=torchvision:mobilenet_v3_small", "input_size=[32, 32]", "dataset.options.length=24", "tasks.segment_semantic.hidden=8",
         "tasks.depth_zbuffer.hidden=8", "tasks.normal.hidden=8", "batch_size=4", "eval_batches=1",
         "stages.pretrain.iters=3", "stages.policy.iters=6", "stages.policy.network_steps=2",

@@ -13,7 +13,6 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from automtl_compiler import build_supermodel
 from automtl_compiler.backends import onnx_supermodel
@@ -23,31 +22,9 @@ from automtl_compiler.errors import AutomtlError
 from automtl_compiler.nn.heads import ASPPHead, ClassificationHead
 from automtl_compiler.nn.policy import Policy, gumbel_softmax
 from automtl_compiler.nn.supermodel import SuperModel
-from tests.helpers import Tiny, randomise_bn
+from tests.helpers import Small, Tiny, randomise_bn
 
 BRANCHES = ("share", "specific", "skip")
-
-
-class Small(nn.Module):
-    """Residual net: a projection skip (3 -> 8), an identity skip, a stride-2 depthwise unit and a
-    padding-0 unit whose skip projection crops its input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn0 = nn.BatchNorm2d(8)
-        self.c1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.valid = nn.Conv2d(8, 16, 3, padding=0)
-        self.bn3 = nn.BatchNorm2d(16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn0(self.stem(x)))
-        x = torch.relu(self.bn1(self.c1(x)) + x)
-        x = torch.relu(self.bn2(self.dw(x)))
-        return torch.relu(self.bn3(self.valid(x)))
 
 
 def randomised(sm: SuperModel, seed: int) -> SuperModel:

@@ -15,7 +15,7 @@ from automtl_compiler.train.config import load_config
 from automtl_compiler.train.run import make_datasets, make_task_types
 from automtl_compiler.train.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "configs" / "synthetic-quick.yaml"
 TINY = ["backbone=torchvision:mobilenet_v3_small", "input_size=[32, 32]", "dataset.options.length=24",
         "tasks.segment_semantic.hidden=8", "tasks.depth_zbuffer.hidden=8", "tasks.normal.hidden=8"]

@@ -13,7 +13,8 @@ from automtl_compiler.nn.cost import compact_cost, head_macs, policy_cost
 from automtl_compiler.nn.policy import Policy
 from automtl_compiler.passes.multitask import BRANCHES
 from automtl_compiler.train.policy_plot import COLOURS, draw_policy, policy_data
-from tests.test_prune import Small, make_supermodel
+from tests.helpers import Small
+from tests.passes.test_prune import make_supermodel
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_sample_stage_ranks_candidates_by_accuracy_cost_and_budget(tmp_path, wei
     """cost_weight 0 keeps the most accurate candidate, a large one the cheapest, and a budget nothing meets
     the cheapest too; the report lists every candidate with its figures."""
     from automtl_compiler.train.run import train
-    from tests.test_train import ROOT, TINY
+    from tests.train.test_trainer import ROOT, TINY
 
     report = train(ROOT / "configs" / "synthetic-quick.yaml",
                    [*TINY, "stages.sample.candidates=5", "stages.sample.calibration_batches=1",

@@ -27,7 +27,7 @@ from automtl_compiler.frontends.weights import (
 from automtl_compiler.ir.serialize import graph_tensors
 from tests.helpers import Tiny, randomise_bn, randomised
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = (1, 3, 16, 16)
 
 

@@ -14,7 +14,7 @@ from automtl_compiler.train.trainer import Batches, Trainer
 
 
 def tiny_backbone() -> nn.Module:
-    """A four-conv backbone (the config names it as ``tests.test_schedulers_train:tiny_backbone``)."""
+    """A four-conv backbone (the config names it as ``tests.train.test_schedulers_in_trainer:tiny_backbone``)."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                          nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
@@ -22,7 +22,7 @@ def tiny_backbone() -> nn.Module:
                          nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
 
 
-BASE = ["backbone=tests.test_schedulers_train:tiny_backbone", "input_size=[32, 32]", "dataset.options.length=256",
+BASE = ["backbone=tests.train.test_schedulers_in_trainer:tiny_backbone", "input_size=[32, 32]", "dataset.options.length=256",
         "tasks.segment_semantic.hidden=16", "tasks.depth_zbuffer.hidden=16", "tasks.normal.hidden=16",
         "tasks.segment_semantic.options={resize: prediction}", "tasks.depth_zbuffer.options={resize: prediction}",
         "tasks.normal.options={resize: prediction}", "batch_size=8", "eval_every=0", "checkpoint_every=0",

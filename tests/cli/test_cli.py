@@ -94,7 +94,7 @@ def test_compile_rejects_duplicate_tasks(tmp_path):
 
 
 def test_train_quick_run_and_bad_config(tmp_path):
-    args = ["train", str(Path(__file__).resolve().parent.parent / "configs" / "synthetic-quick.yaml"),
+    args = ["train", str(Path(__file__).resolve().parents[2] / "configs" / "synthetic-quick.yaml"),
             "--out", str(tmp_path / "run"), "--quiet", "--set", "backbone=torchvision:mobilenet_v3_small",
             "--set", "input_size=[32, 32]", "--set", "dataset.options.length=16", "--set", "batch_size=4"]
     for stage in ("pretrain", "policy", "posttrain"):
@@ -113,7 +113,7 @@ def test_every_command_in_the_readme_exists():
     from automtl_compiler.cli.main import main
     from click.testing import CliRunner
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     commands = set(re.findall(r"(?:^|\$ |`)automtl ([a-z]+)", readme, flags=re.MULTILINE))
     assert {"inspect", "convert", "compile", "sample", "prune", "export", "bench", "train", "run"} <= commands
     for name in commands:
@@ -127,7 +127,7 @@ def test_cli_reference_options_exist_and_setup_commands_match_ci():
     from automtl_compiler.cli.main import main
     from click.testing import CliRunner
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     readme = (root / "README.md").read_text()
     table = readme[readme.index("## CLI reference"):]
     table = table[:table.index("\n## ")]

@@ -200,7 +200,7 @@ def test_bundled_automtl_resnet34_counts():
     """AutoMTL's DeepLab ResNet-34 (the bundled prototxt), T = 3: the figure from the AutoMTL setting."""
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "models" / "deeplab_resnet34.prototxt"
+    path = Path(__file__).resolve().parents[2] / "models" / "deeplab_resnet34.prototxt"
     heads = {f"t{i}": ASPPHead(512, 2, hidden=4) for i in range(3)}
     sm = build_supermodel(str(path), heads, input_shape=(1, 3, 64, 64))
     counts = sm.parameter_counts()
@@ -348,7 +348,7 @@ def test_a_supermodel_saved_before_the_multitask_ir_loads_with_the_same_outputs(
     import shutil
     from pathlib import Path
 
-    fixture = Path(__file__).parent / "fixtures" / "supermodel_v1"
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "supermodel_v1"
     recorded = json.loads((fixture / "outputs.json").read_text())
     sm = SuperModel.load(fixture).eval()
     x = torch.linspace(-1, 1, 3 * 64).reshape(1, 3, 8, 8)

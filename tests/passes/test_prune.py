@@ -16,30 +16,9 @@ from automtl_compiler.nn.compact import CompactModel, prune
 from automtl_compiler.nn.heads import ASPPHead, ClassificationHead
 from automtl_compiler.nn.policy import Policy
 from automtl_compiler.passes.fold_bn import fold_batchnorm
-from tests.helpers import randomise_bn
+from tests.helpers import Small, randomise_bn
 
 TASKS = ("seg", "depth", "cls")
-
-
-class Small(nn.Module):
-    """A residual net with a stride-2 unit, a depthwise unit and a padding-changing unit (skip with crop)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn0 = nn.BatchNorm2d(8)
-        self.c1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.valid = nn.Conv2d(8, 16, 3, padding=0)
-        self.bn3 = nn.BatchNorm2d(16)
-
-    def forward(self, x):
-        x = torch.relu(self.bn0(self.stem(x)))
-        x = torch.relu(self.bn1(self.c1(x)) + x)
-        x = torch.relu(self.bn2(self.dw(x)))
-        return torch.relu(self.bn3(self.valid(x)))
 
 
 def make_supermodel(backbone: nn.Module, shape: tuple[int, ...], channels: int) -> SuperModel:

@@ -25,10 +25,10 @@ from automtl_compiler.errors import AutomtlError
 from automtl_compiler.train import checkpoint as ckpt_module
 from automtl_compiler.train.run import MARKER, train
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "synthetic-quick.yaml"
 #: test_train.py's TINY with a two-conv backbone (150 KB checkpoints; no torchvision to import per process).
-TINY = ["backbone=tests.test_run_safety:TinyBackbone", "input_size=[16, 16]", "output_stride=null",
+TINY = ["backbone=tests.train.test_run_safety:TinyBackbone", "input_size=[16, 16]", "output_stride=null",
         "dataset.options.length=24", "tasks.segment_semantic.hidden=8", "tasks.depth_zbuffer.hidden=8",
         "tasks.normal.hidden=8", "batch_size=4", "eval_batches=1", "stages.pretrain.iters=3", "stages.policy.iters=6",
         "stages.policy.network_steps=2", "stages.policy.policy_steps=1", "stages.policy.tau_every=2",

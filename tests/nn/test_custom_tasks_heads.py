@@ -33,7 +33,7 @@ from tests.helpers import Tiny, randomise_bn
 PIXEL = "tests.custom_parts:PixelHead"
 TASK = "tests.custom_parts:MeanAbsTask"
 SHAPE = (2, 3, 8, 8)
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,7 @@ from automtl_compiler.errors import (
 from automtl_compiler.frontends.prototxt import load_prototxt
 from automtl_compiler.ir.serialize import graph_tensors
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 AUTOMTL = FIXTURES / "automtl_small.prototxt"
 CAFFE = FIXTURES / "caffe_small.prototxt"
 

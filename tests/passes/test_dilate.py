@@ -12,7 +12,7 @@ from automtl_compiler.errors import AutomtlError
 from automtl_compiler.frontends import load_backbone
 from automtl_compiler.passes.dilate import set_output_stride
 
-from .helpers import randomise_bn
+from tests.helpers import randomise_bn
 
 
 @pytest.mark.parametrize(("stride", "dilate"), [(8, [False, True, True]), (16, [False, False, True])])

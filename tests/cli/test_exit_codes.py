@@ -25,7 +25,7 @@ from automtl_compiler.errors import AutomtlError
 from automtl_compiler.train.config import MAX_ALIASES, load_config
 from tests.helpers import Tiny
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["tests.helpers:Tiny", "--input-shape", "1,3,16,16"]
 
 
@@ -230,7 +230,7 @@ def test_config_backbone_os_abort_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("entry,needle", [("sys:exit", "sys:exit"), ("posix:_exit", "posix:_exit"),
                                           ("torch:randn", "builtin"), ("json:dumps", "needs arguments"),
-                                          ("tests.test_exit_codes:exits", "SystemExit")])
+                                          ("tests.cli.test_exit_codes:exits", "SystemExit")])
 def test_entry_points_that_are_not_backbones(entry: str, needle: str) -> None:
     from automtl_compiler.frontends import _call_entry
 

@@ -15,7 +15,7 @@ import torchvision
 
 from tests.realdata import write_cityscapes, write_folder, write_nyuv2, write_taskonomy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: Only the step budget is cut (every stage still runs); everything else is each config's own.
 BUDGET = ["--set", "stages.pretrain.iters=2", "--set", "stages.policy.iters=2", "--set", "stages.policy.network_steps=1",
           "--set", "stages.policy.policy_steps=1", "--set", "stages.posttrain.iters=2", "--set", "batch_size=2",
