@@ -44,10 +44,11 @@ def install_modules(graph: Graph, root: nn.Module, paths: Mapping[str, str]) -> 
     """Lower every node of ``graph`` that ``paths`` names into ``root`` at its path (once per path).
 
     Nodes with the same path share one module (a backbone layer that several tasks run); afterwards each
-    such node holds that module's tensors, so the graph and the module are the same weights.
+    such node holds that module's tensors, so the graph and the module are the same weights. Modules are
+    added in the graph's insertion order (so a builder decides the order of the state dict).
     """
     installed: dict[str, nn.Module] = {}
-    for node in graph.topological_order():
+    for node in graph.nodes():
         path = paths.get(node.name)
         if path is None:
             continue

@@ -57,15 +57,20 @@ class Graph:
     # ------------------------------------------------------------ building
     def add_node(self, name: str, op: str, inputs: Iterable[str] = (), attrs: dict[str, Any] | None = None, *,
                  params: dict[str, torch.Tensor] | None = None, buffers: dict[str, torch.Tensor] | None = None,
-                 shape: Shape | None = None, source: str | None = None, check: bool = True) -> Node:
-        """Add a node; its inputs must already exist unless ``check`` is False (loaders validate later)."""
+                 shape: Shape | None = None, source: str | None = None, check: bool = True,
+                 normalised: bool = False) -> Node:
+        """Add a node; its inputs must already exist unless ``check`` is False (loaders validate later).
+
+        ``normalised`` says that ``attrs`` are another node's (already checked and normalised), so they are
+        taken as they are: what passes that copy nodes use.
+        """
         node = Node(name, op, list(inputs), {}, dict(params or {}), dict(buffers or {}),
                     tuple(shape) if shape is not None else None, source)
         where = node.where
         if name in self._g:
             raise GraphError(f"{where}: a node of this name already exists")
         opdef = get_op(op, where)
-        node.attrs = opdef.normalise_attrs(attrs or {}, where)
+        node.attrs = dict(attrs or {}) if normalised else opdef.normalise_attrs(attrs or {}, where)
         if check:
             opdef.check_arity(len(node.inputs), where)
             for i in node.inputs:

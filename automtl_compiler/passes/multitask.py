@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import networkx as nx
 import torch
 
 from ..backends.names import Namer, check_task_name
@@ -120,11 +119,13 @@ def skip_spec(graph: Graph, conv: str) -> SkipSpec:
     return SkipSpec(False, x[1], y[1], tuple(a["stride"]), tuple(pads))  # type: ignore[arg-type]
 
 
-def conv_depths(graph: Graph) -> dict[str, int]:
-    """For each conv, the number of convs on the longest path before it (0 for the first conv)."""
+def conv_depths(graph: Graph, order: list[Node] | None = None) -> dict[str, int]:
+    """For each conv, the number of convs on the longest path before it (0 for the first conv).
+
+    ``order`` is the graph's topological order when the caller has it already."""
     depth: dict[str, int] = {}
     before: dict[str, int] = {}
-    for node in graph.topological_order():
+    for node in order or graph.topological_order():
         seen = max((before[i] for i in node.inputs), default=0)
         if node.op == "conv2d":
             depth[node.name] = seen
@@ -149,11 +150,12 @@ def validate_tasks(tasks: list[str]) -> list[str]:
     return list(tasks)
 
 
-def find_units(trunk: Graph) -> list[Unit]:
-    """The policy-able units of a trunk, in topological order."""
-    depths = conv_depths(trunk)
+def find_units(trunk: Graph, order: list[Node] | None = None) -> list[Unit]:
+    """The policy-able units of a trunk, in topological order (``order``, when the caller has it)."""
+    order = order or trunk.topological_order()
+    depths = conv_depths(trunk, order)
     units = []
-    for node in trunk.topological_order():
+    for node in order:
         if node.op != "conv2d":
             continue
         users = trunk.consumers(node.name)
@@ -174,15 +176,28 @@ def _skip_weight(spec: SkipSpec) -> torch.Tensor:
     return weight
 
 
+_MODULE_OPS: dict[str, bool] = {}
+
+
+def _is_module(node: Node) -> bool:
+    """Whether ``node``'s op lowers to a module (which then has a path in the SuperModel), not a function.
+
+    Lowering is per op, never per attribute value, so one lowering per op answers for all its nodes.
+    """
+    if node.op not in _MODULE_OPS:
+        lowering = get_op(node.op, node.where).lower(node.attrs, node.params, node.buffers)
+        _MODULE_OPS[node.op] = lowering.module is not None
+    return _MODULE_OPS[node.op]
+
+
 class _Builder:
     """Adds the nodes of the multi-task graph, each name unique, recording module paths."""
 
-    def __init__(self, trunk: Graph, tasks: list[str], units: list[Unit]) -> None:
+    def __init__(self, trunk: Graph, order: list[Node], tasks: list[str], units: list[Unit]) -> None:
         self.trunk, self.tasks, self.units = trunk, tasks, units
         self.graph = Graph(f"{trunk.name}_multitask")
         names = Namer()
-        self.keys = {n.name: names(n.name) for n in trunk.topological_order()
-                     if n.op != "input" and get_op(n.op, n.where).lower(n.attrs, n.params, n.buffers).module is not None}
+        self.keys = {n.name: names(n.name) for n in order if n.op != "input" and _is_module(n)}
         self.paths: dict[str, str] = {}
 
     def fresh(self, name: str) -> str:
@@ -197,7 +212,7 @@ class _Builder:
         self.graph.add_node(name, op or like.op, inputs, like.attrs if attrs is None else attrs,
                             params=like.params if params is None else params,
                             buffers=like.buffers if buffers is None else buffers, source=like.source,
-                            shape=like.shape if shape is None else shape)
+                            shape=like.shape if shape is None else shape, normalised=attrs is None)
         if path is not None:
             self.paths[name] = path
         return name
@@ -253,11 +268,11 @@ def insert_task_branches(trunk: Graph, tasks: list[str]) -> MultiTaskGraph:
     tasks = validate_tasks(list(tasks))
     if len(trunk.outputs) != 1:
         raise AutomtlError(f"graph '{trunk.name}' must end at one feature node; truncate it first")
-    units = find_units(trunk)
-    assert nx.is_directed_acyclic_graph(trunk.nx)
+    order = trunk.topological_order()
+    units = find_units(trunk, order)
     skip_weights = {(u.conv, t): _skip_weight(u.skip) for u in units if not u.skip.identity for t in tasks}
-    b = _Builder(trunk, tasks, units)
-    for node in trunk.topological_order():
+    b = _Builder(trunk, order, tasks, units)
+    for node in order:
         if node.op == "input":
             b.graph.add_input(node.name, node.shape or (), source=node.source)
     gates = b.fresh("gates")
@@ -267,7 +282,7 @@ def insert_task_branches(trunk: Graph, tasks: list[str]) -> MultiTaskGraph:
     outputs = []
     for k in range(len(tasks)):
         env: dict[str, str] = {}
-        for node in trunk.topological_order():
+        for node in order:
             if node.op == "input":
                 env[node.name] = node.name
             elif node.name in by_conv:
