@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,9 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
     from .backends.onnx_export import export_onnx
     from .nn.compact import prune
     from .train.config import dump_config, load_config
+    from .train.distributed import barrier, context_from_env
     from .train.run import (
+        RunDir,
         make_datasets,
         make_task_types,
         resolve_input_size,
@@ -76,10 +79,15 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
         cfg["baselines"] = str(out / "references" / "report.json")
     datasets = make_datasets(cfg)
     resolve_input_size(cfg, datasets)
+    ctx, _ = context_from_env(cfg["device"])
     # the marker first, then config.yaml: a replaced run (--overwrite) waits aside until the first checkpoint
-    with run_directory(out, cfg, resume=False, overwrite=overwrite, kind="run") as run_dir:
-        (out / "config.yaml").write_text(dump_config(cfg))
-        quiet = not progress
+    opened = (run_directory(out, cfg, resume=False, overwrite=overwrite, kind="run") if ctx.is_main
+              else nullcontext(RunDir(out, resumed=False, replaced=None)))
+    with opened as run_dir:
+        if ctx.is_main:
+            (out / "config.yaml").write_text(dump_config(cfg))
+        barrier(ctx)
+        quiet = not progress or not ctx.is_main
         types = make_task_types(cfg, datasets["train"])
         tasks = list(cfg["tasks"])
 
@@ -92,6 +100,8 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
         trainer = Trainer(cfg, out, datasets=datasets, task_types=types, progress=progress)
         trainer.on_checkpoint = run_dir.commit
         report = trainer.run()
+        if not ctx.is_main:  # training is shared; pruning, export and timing are rank 0's
+            return report
         model = trainer.model.cpu().eval()
         policy = model.fixed_policy
         if policy is None:

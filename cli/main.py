@@ -19,6 +19,14 @@ from typing import Any, NoReturn
 import click
 
 from automtl_compiler.errors import AutomtlError, one_line
+from automtl_compiler.train.launch import (
+    check_launch,
+    is_rank_zero,
+    launch,
+    record_worker_error,
+    run_training,
+    weights_override,
+)
 
 #: What to do about an OS error on a path, by errno.
 _OS_HINTS = {
@@ -56,19 +64,22 @@ def _os_error_line(e: OSError) -> str:
     return f"{path}: {reason} ({_OS_HINTS.get(e.errno or 0, 'check the path')})"
 
 
-class _Group(click.Group):
-    """A click group that turns every error into one readable line and a non-zero exit.
+class OneLineErrors:
+    """Mixin for a click command or group: every error becomes one readable line and a non-zero exit.
 
     Exit 2 (one line ``error: ...``): AutomtlError, click's usage errors, an OSError from the system (it
     names the path and what to do), a UnicodeDecodeError (a binary file where text is read). Exit 1 (one
-    line ``internal error: ...``): any other exception, a bug. ``--debug`` anywhere prints the traceback first.
+    line ``internal error: ...``): any other exception, a bug. ``--debug`` anywhere prints the traceback first
+    (and reaches the commands as ``ctx.obj["debug"]``). In a worker of a distributed run the line is also
+    recorded for the launcher, and left to it to print when the launcher is automtl's.
     """
 
     def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
         debug, argv = _take_debug(list(sys.argv[1:] if args is None else args))
         kwargs["standalone_mode"] = False
+        kwargs.setdefault("obj", {"debug": debug})
         try:
-            return super().main(argv, *rest, **kwargs)
+            return super().main(argv, *rest, **kwargs)  # type: ignore[misc]
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.exceptions.Abort:
@@ -90,19 +101,31 @@ class _Group(click.Group):
     @staticmethod
     def _fail(debug: bool, message: str) -> NoReturn:
         """A user error: the traceback when ``debug``, then ``error: message`` on one line; exit 2."""
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {' '.join(message.split())}", err=True)
+        _report(debug, f"error: {' '.join(message.split())}")
         sys.exit(2)
 
     @staticmethod
     def _bug(debug: bool, e: BaseException) -> NoReturn:
         """An internal error: the traceback when ``debug``, then one ``internal error:`` line; exit 1."""
-        if debug:
-            traceback.print_exc()
-        click.echo(f"internal error: {type(e).__name__}: {one_line(e, 500)} (rerun with --debug for the traceback "
-                   "and please report it)", err=True)
+        _report(debug, f"internal error: {type(e).__name__}: {one_line(e, 500)} (rerun with --debug for the "
+                       "traceback and please report it)")
         sys.exit(1)
+
+
+def _report(debug: bool, line: str) -> None:
+    """Print the traceback when ``debug`` and ``line`` on stderr, unless automtl's launcher prints the line."""
+    if debug:
+        traceback.print_exc()
+    if not record_worker_error(line.removeprefix("error: ")):
+        click.echo(line, err=True)
+
+
+class _Group(OneLineErrors, click.Group):
+    """The ``automtl`` group (errors as in :class:`OneLineErrors`)."""
+
+
+class OneLineErrorsCommand(OneLineErrors, click.Command):
+    """A stand-alone command with the CLI's error handling (``python -m automtl_compiler.train``)."""
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -440,45 +463,95 @@ def bench(model: str, batch: int, provider: str, repeat: int, warmup: int, threa
         click.echo(note)
 
 
-def _weights_override(weights: str | None, non_strict: bool) -> list[str]:
-    """``--weights PATH [--weights-non-strict]`` as the config overrides they stand for (``backbone_weights``,
-    ``backbone_weights_strict``; the path quoted so that YAML reads it back as a string)."""
-    if weights is None:
-        if non_strict:
-            raise click.UsageError("--weights-non-strict needs --weights")
-        return []
-    return [f"backbone_weights={json.dumps(str(Path(weights)))}", f"backbone_weights_strict={str(not non_strict).lower()}"]
+_SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                    help="Override a config key (dotted), e.g. --set stages.pretrain.iters=10. Repeatable.")
+_OVERWRITE = click.option(
+    "--overwrite", is_flag=True,
+    help="Replace the automtl run in --out (kept aside until the new run's first checkpoint, put back if it fails "
+         "before); a directory that is not an automtl run is never replaced.")
+_QUIET = click.option("--quiet", is_flag=True, help="No progress output.")
+
+
+def train_options(command: Any) -> Any:
+    """The arguments and options of one training process: ``automtl train`` and ``python -m
+    automtl_compiler.train`` (what torchrun starts) both take them."""
+    for option in reversed([
+        click.argument("config", required=False, type=click.Path(dir_okay=False)),
+        click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory."),
+        _SET,
+        click.option("--baseline", type=click.Choice(["single-task", "all-share"]), default=None,
+                     help="Train a reference with the same budget instead (for Δm)."),
+        click.option("--resume", is_flag=True, help="Require an earlier run of the same config in --out to resume "
+                                                     "(it resumes without this too)."),
+        _OVERWRITE, _QUIET, _WEIGHTS,
+    ]):
+        command = option(command)
+    return command
+
+
+def _launch_options(command: Any) -> Any:
+    """--nproc-per-node and the multi-node options of the commands that can train on several processes."""
+    for option in reversed([
+        click.option("--nproc-per-node", "nproc", type=click.IntRange(1), default=1, show_default=True,
+                     help="Worker processes on this node (torchrun's machinery; one per GPU, or CPU processes)."),
+        click.option("--nnodes", type=click.IntRange(1), default=1, show_default=True,
+                     help="Nodes taking part; start the same command on each with its --node-rank."),
+        click.option("--node-rank", type=click.IntRange(0), default=None,
+                     help="This node's rank, 0 to --nnodes minus 1 (0: the node at --rdzv-endpoint)."),
+        click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                     help="Where the nodes meet: node 0's address and a free port, the same on every node."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _launching(nproc: int, nnodes: int, node_rank: int | None, rdzv_endpoint: str | None) -> bool:
+    """True when the command starts worker processes; the launcher options checked either way."""
+    check_launch(nproc, nnodes, node_rank, rdzv_endpoint)
+    return nproc > 1 or nnodes > 1
+
+
+def _flags(**options: Any) -> list[str]:
+    """Options as a worker's command line: ``--name value`` (repeated for a list), ``--name`` for True."""
+    args: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                args += [flag, str(item)]
+        elif value not in (None, False):
+            args += [flag, str(value)]
+    if (click.get_current_context().obj or {}).get("debug"):
+        args.append("--debug")
+    return args
 
 
 @main.command()
-@click.argument("config", required=False, type=click.Path(dir_okay=False))
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key (dotted), e.g. --set stages.pretrain.iters=10. Repeatable.")
-@click.option("--baseline", type=click.Choice(["single-task", "all-share"]), default=None,
-              help="Train a reference with the same budget instead (for Δm).")
-@click.option("--resume", is_flag=True,
-              help="Require an earlier run of the same config in --out to resume (it resumes without this too).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace the automtl run in --out (kept aside until the new run's first checkpoint, put back if "
-                   "it fails before); a directory that is not an automtl run is never replaced.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
-@_WEIGHTS
+@train_options
+@_launch_options
 def train(config: str | None, out: str, overrides: tuple[str, ...], baseline: str | None, resume: bool,
-          overwrite: bool, quiet: bool, weights: str | None, weights_non_strict: bool) -> None:
+          overwrite: bool, quiet: bool, weights: str | None, weights_non_strict: bool, nproc: int, nnodes: int,
+          node_rank: int | None, rdzv_endpoint: str | None) -> None:
     """Train a compiled SuperModel through AutoMTL's stages (CONFIG: YAML; default: the built-in config).
 
     Started again with the same command after a crash or kill, a run resumes from its last checkpoint.
+    With --nproc-per-node N (and --nnodes), N worker processes per node train together, as under torchrun.
     """
-    from automtl_compiler.train.run import train as run_training
+    settings = [*weights_override(weights, weights_non_strict), *overrides]
+    if _launching(nproc, nnodes, node_rank, rdzv_endpoint):
+        from automtl_compiler.train.config import load_config
 
-    report = run_training(config, [*_weights_override(weights, weights_non_strict), *overrides], out, resume=resume, overwrite=overwrite, progress=not quiet,
-                          baseline=baseline)
-    for task, metrics in report["tasks"].items():
-        click.echo(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    if report.get("delta_m", {}).get("delta_m") is not None:
-        click.echo(f"delta_m: {report['delta_m']['delta_m']:+.2f}%")
-    click.echo(f"wrote {Path(out) / 'report.json'}")
+        load_config(config, settings)  # a bad config is one error here, not one per worker
+        args = [config] if config is not None else []
+        launch(nproc, [*args, *_flags(out=out, set=settings, baseline=baseline, resume=resume, overwrite=overwrite,
+                                      quiet=quiet)],
+               nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+        return
+    for line in run_training(config, settings, out, baseline=baseline, resume=resume, overwrite=overwrite,
+                             quiet=quiet):
+        click.echo(line)
 
 
 @main.command(name="run")
@@ -486,30 +559,41 @@ def train(config: str | None, out: str, overrides: tuple[str, ...], baseline: st
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
               help="Run directory (default: runs/run-<date>-<time>).")
 @click.option("--quick", is_flag=True, help="Every step with fewer iterations (a couple of minutes on a laptop CPU).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key (dotted), e.g. --set stages.pretrain.iters=10. Repeatable.")
+@_SET
 @click.option("--no-references", is_flag=True, help="Do not train the single-task references (no Δm).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace the automtl run in --out (kept aside until the new run's first checkpoint, put back if "
-                   "it fails before); a directory that is not an automtl run is never replaced.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@_OVERWRITE
+@_QUIET
 @_WEIGHTS
+@_launch_options
 def run(config: str | None, out: str | None, quick: bool, overrides: tuple[str, ...], no_references: bool,
-        overwrite: bool, quiet: bool, weights: str | None, weights_non_strict: bool) -> None:
+        overwrite: bool, quiet: bool, weights: str | None, weights_non_strict: bool, nproc: int, nnodes: int,
+        node_rank: int | None, rdzv_endpoint: str | None) -> None:
     """Backbone to verified ONNX in one command: train, sample, prune, export, benchmark.
 
     CONFIG is a YAML training config (default: the built-in one - ResNet-18 and three dense tasks on the
-    synthetic scenes). Run again with the same arguments, it resumes where it stopped.
+    synthetic scenes). Run again with the same arguments, it resumes where it stopped. With
+    --nproc-per-node N (and --nnodes), N worker processes per node train together, as under torchrun.
     """
     import time
 
     from automtl_compiler.pipeline import run as run_pipeline
     from automtl_compiler.pipeline import summary
 
+    settings = [*weights_override(weights, weights_non_strict), *overrides]
     out = out or str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S"))
-    report = run_pipeline(config, out, quick=quick, overrides=[*_weights_override(weights, weights_non_strict), *overrides], references=not no_references,
+    if _launching(nproc, nnodes, node_rank, rdzv_endpoint):
+        from automtl_compiler.train.config import load_config
+
+        load_config(config, settings)
+        args = [config] if config is not None else []
+        launch(nproc, ["run", *args, *_flags(out=out, quick=quick, set=settings, no_references=no_references,
+                                             overwrite=overwrite, quiet=quiet)],
+               module="automtl_compiler.cli.main", nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+        return
+    report = run_pipeline(config, out, quick=quick, overrides=settings, references=not no_references,
                           overwrite=overwrite, progress=not quiet)
-    click.echo(summary(report))
+    if is_rank_zero():
+        click.echo(summary(report))
 
 
 if __name__ == "__main__":

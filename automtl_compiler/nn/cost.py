@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 def head_macs(head: nn.Module, feature_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one head on a feature of ``feature_shape`` (batch 1) for an input of
     ``input_shape``, counted by torch's FLOP counter (which counts two FLOPs per multiply-accumulate)."""
-    from torch.utils.flop_counter import FlopCounterMode  # imported here: it loads triton (~75 MB)
+    # imported here, not at the top: torch.utils.flop_counter loads triton (~75 MB)
+    from torch.utils.flop_counter import FlopCounterMode
 
     device = next(iter(head.parameters()), torch.empty(0)).device
     feature = torch.zeros((1, *feature_shape[1:]), device=device)

@@ -13,12 +13,16 @@ instead upsamples the *prediction* bilinearly (``align_corners=False``) to the t
 choice when reporting numbers at full resolution. Masks follow the target (nearest).
 
 Everything here works on whatever device the tensors live on; metric accumulators keep their running
-sums on the CPU in float64/int64, so the numbers do not depend on the device or on the batch split.
+sums on the CPU as integers (counts, confusion matrices, :class:`ExactSum`) or keep the values themselves,
+so the numbers do not depend on the device, on the batch split, or on how many processes evaluated.
+Every built-in metric can hand its accumulators over as tensors (:meth:`Metric.state`) and add other
+processes' accumulators (:meth:`Metric.merge_states`), which is how sharded validation is reduced exactly.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -92,6 +96,10 @@ class Metric(ABC):
     ``update`` may be called any number of times (under ``torch.no_grad`` or not: inputs are detached);
     ``compute`` returns plain floats and leaves the state untouched; ``reset`` clears it. The result does
     not depend on how the evaluation set is split into batches.
+
+    To be evaluated across several processes a metric also implements :meth:`state` and
+    :meth:`merge_states`; a subclass without them works on one process, and distributed evaluation refuses
+    it at start (:func:`mergeable`).
     """
 
     @abstractmethod
@@ -105,6 +113,116 @@ class Metric(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Forget every batch."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The accumulators as CPU tensors (tensors only, so that processes can all-gather them).
+
+        The keys, dtypes and number of dimensions must not depend on what was seen (an empty accumulator
+        still gives every key, e.g. with a zero-sized dimension), since every process sends the same keys.
+        """
+        raise AutomtlError(unmergeable_message(type(self)))
+
+    def merge_states(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Add the accumulators ``states`` (from :meth:`state` of metrics of the same kind and options), in
+        order, after what this metric has seen: as if their batches had been passed to ``update`` next."""
+        raise AutomtlError(unmergeable_message(type(self)))
+
+
+def mergeable(metric: Metric) -> bool:
+    """Whether ``metric``'s class implements :meth:`Metric.state` and :meth:`Metric.merge_states`."""
+    cls = type(metric)
+    return cls.state is not Metric.state and cls.merge_states is not Metric.merge_states
+
+
+def unmergeable_message(cls: type) -> str:
+    """Why a metric class cannot be reduced across processes, and what its author should implement."""
+    return (f"the metric {cls.__module__}.{cls.__qualname__} cannot be evaluated across processes: it does "
+            "not implement state() -> dict[str, torch.Tensor] (its accumulators as tensors) and "
+            "merge_states(states) (add other processes' accumulators in order) of "
+            "automtl_compiler.tasks.Metric; implement both so that sharded validation is reduced exactly, "
+            "or train on one process")
+
+
+class ExactSum:
+    """An exact sum of float64 values that does not depend on their order or grouping.
+
+    Why: a float accumulator (``total += float(batch.sum())``) rounds after every batch, so its result
+    changes with the batch boundaries, the number of processes and the order in which their partial sums
+    are merged. A fixed-point integer would be exact only for values within a chosen range (depth errors
+    are metres, relative errors can reach 1e7); this keeps *every* finite float64 exactly instead.
+
+    How: a finite float64 is ``m * 2**(e - 1075)`` with an integer ``|m| < 2**53`` and its exponent field
+    ``e`` (subnormals: ``e = 0`` weighs like ``e = 1``). :attr:`bins` (int64 ``[4, 2048]``) holds, per
+    exponent field, the sums of ``m``'s three 18-bit limbs (rows 0-2, signed); row 3 counts NaN, +inf and
+    -inf in its first three columns. Adding values and merging accumulators are integer additions, exact
+    and associative; a bin overflows only after 2**45 values with one exponent. :meth:`total` recombines
+    the bins with Python integers, and :meth:`mean` divides that integer once, correctly rounded (Python's
+    int / int is).
+    """
+
+    FIELDS = 2048
+    LIMB_BITS = 18
+
+    def __init__(self) -> None:
+        self.bins = torch.zeros(4, self.FIELDS, dtype=torch.int64)
+
+    @torch.no_grad()
+    def add(self, values: torch.Tensor) -> None:
+        """Add every element of ``values`` (any float dtype, any device; converted to float64 exactly)."""
+        x = values.detach().reshape(-1).to(torch.float64)
+        bits = x.view(torch.int64)
+        field = (bits >> 52) & 0x7FF
+        finite = field != 0x7FF
+        frac = bits & ((1 << 52) - 1)
+        mag = torch.where(field > 0, frac | (1 << 52), frac)
+        negative = bits < 0
+        local = torch.zeros(4, self.FIELDS, dtype=torch.int64, device=x.device)
+        if not bool(finite.all()):
+            odd = x[~finite]
+            local[3, 0] = int(torch.isnan(odd).sum())
+            local[3, 1] = int((odd == float("inf")).sum())
+            local[3, 2] = int((odd == float("-inf")).sum())
+            mag, negative, field = mag[finite], negative[finite], field[finite]
+        for row in range(3):
+            limb = (mag >> (row * self.LIMB_BITS)) & ((1 << self.LIMB_BITS) - 1)
+            local[row].index_add_(0, field, torch.where(negative, -limb, limb))
+        self.bins += local.cpu()
+
+    def merge(self, bins: torch.Tensor) -> None:
+        """Add another accumulator's :attr:`bins`."""
+        if tuple(bins.shape) != tuple(self.bins.shape):
+            raise AutomtlError(f"an exact sum's bins must have shape {tuple(self.bins.shape)}, got "
+                               f"{tuple(bins.shape)}")
+        self.bins += bins.to("cpu", torch.int64)
+
+    def reset(self) -> None:
+        """Back to zero."""
+        self.bins.zero_()
+
+    def _special(self) -> float | None:
+        nan, pos, neg = (int(v) for v in self.bins[3, :3])
+        if nan or (pos and neg):
+            return float("nan")
+        if pos or neg:
+            return float("inf") if pos else float("-inf")
+        return None
+
+    def total(self) -> int:
+        """The exact finite sum times ``2**1074`` (an integer), ignoring non-finite values."""
+        total = 0
+        for field in torch.nonzero(self.bins[:3].any(dim=0)).flatten().tolist():
+            l0, l1, l2 = (int(v) for v in self.bins[:3, field])
+            m = l0 + (l1 << self.LIMB_BITS) + (l2 << (2 * self.LIMB_BITS))
+            total += m << (max(field, 1) - 1)
+        return total
+
+    def mean(self, count: int) -> float:
+        """The sum divided by ``count`` (positive), rounded once to the nearest float; NaN or ±inf if a
+        value was."""
+        special = self._special()
+        if special is not None:
+            return special
+        return self.total() / (count << 1074)
 
 
 class TaskType(ABC):

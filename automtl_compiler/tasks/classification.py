@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -43,6 +44,16 @@ class ClassificationMetric(Metric):
 
     def compute(self) -> dict[str, float]:
         return {"accuracy": self.correct / self.total if self.total else float("nan")}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """``counts`` = [correct, total] (int64)."""
+        return {"counts": torch.tensor([self.correct, self.total], dtype=torch.int64)}
+
+    def merge_states(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        for st in states:
+            correct, total = (int(v) for v in st["counts"].reshape(-1))
+            self.correct += correct
+            self.total += total
 
 
 class Classification(TaskType):

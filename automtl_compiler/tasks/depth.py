@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
 from ..errors import AutomtlError
-from .base import DenseTask, Metric, align_dense, check_resize, zero_loss
+from .base import DenseTask, ExactSum, Metric, align_dense, check_resize, zero_loss
 
 
 def depth_valid(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -41,18 +42,24 @@ class DepthMetric(Metric):
 
     AdaShare/AutoMTL average ``abs_err``/``rel_err`` per batch, weighted by batch size; this equals the pooled
     mean when batches have as many valid pixels. With no valid pixel all metrics are NaN.
+
+    The error sums are :class:`ExactSum` accumulators (every pixel's float64 error summed exactly, the mean
+    rounded once), so the metrics are identical bit for bit however the pixels are split into batches or
+    shards and in whatever order shards are merged; the counts are integers.
     """
 
     THRESHOLDS = (1.25, 1.25 ** 2, 1.25 ** 3)
 
     def __init__(self, resize: str = "target") -> None:
         self.resize = check_resize(resize)
+        self.abs_sum = ExactSum()
+        self.rel_sum = ExactSum()
         self.reset()
 
     def reset(self) -> None:
         self.count = 0
-        self.abs_sum = 0.0
-        self.rel_sum = 0.0
+        self.abs_sum.reset()
+        self.rel_sum.reset()
         self.within = [0, 0, 0]
 
     @torch.no_grad()
@@ -66,8 +73,8 @@ class DepthMetric(Metric):
         t = target[valid].double()
         err = (p - t).abs()
         self.count += int(t.numel())
-        self.abs_sum += float(err.sum())
-        self.rel_sum += float((err / t).sum())
+        self.abs_sum.add(err)
+        self.rel_sum.add(err / t)
         ratio = torch.maximum(p / t, t / p)
         ratio = torch.where(p > 0, ratio, torch.full_like(ratio, float("inf")))
         for i, th in enumerate(self.THRESHOLDS):
@@ -77,8 +84,23 @@ class DepthMetric(Metric):
         if self.count == 0:
             return dict.fromkeys(DepthZBuffer.metric_directions, float("nan"))
         n = self.count
-        return {"abs_err": self.abs_sum / n, "rel_err": self.rel_sum / n, "delta_1.25": self.within[0] / n,
+        return {"abs_err": self.abs_sum.mean(n), "rel_err": self.rel_sum.mean(n), "delta_1.25": self.within[0] / n,
                 "delta_1.25^2": self.within[1] / n, "delta_1.25^3": self.within[2] / n}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """``counts`` = [valid pixels, within δ1, δ2, δ3] (int64) and the two error sums' bins."""
+        return {"counts": torch.tensor([self.count, *self.within], dtype=torch.int64),
+                "abs_sum": self.abs_sum.bins.clone(), "rel_sum": self.rel_sum.bins.clone()}
+
+    def merge_states(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        for st in states:
+            counts = [int(v) for v in st["counts"].reshape(-1)]
+            if len(counts) != 4:
+                raise AutomtlError(f"depth_zbuffer: a metric state's counts must hold 4 numbers, got {len(counts)}")
+            self.count += counts[0]
+            self.within = [w + c for w, c in zip(self.within, counts[1:])]
+            self.abs_sum.merge(st["abs_sum"])
+            self.rel_sum.merge(st["rel_sum"])
 
 
 class DepthZBuffer(DenseTask):

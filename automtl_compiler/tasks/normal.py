@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import AutomtlError
-from .base import DenseTask, Metric, align_dense, check_resize, zero_loss
+from .base import DenseTask, ExactSum, Metric, align_dense, check_resize, zero_loss
 
 
 def normal_valid(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -45,6 +46,10 @@ class NormalMetric(Metric):
     threshold (AdaShare/AutoMTL compare with ``<=`` and print percent). Predictions are normalised first,
     so only their direction matters. The median needs every pixel's angle, which the accumulator keeps
     (float32, on the CPU). With no valid pixel all metrics are NaN.
+
+    Every statistic is a function of the multiset of angles (the mean an exact sum rounded once, see
+    :class:`ExactSum`; the median from a sort; the shares from integer counts), so the metrics are identical
+    bit for bit however the pixels are split into batches or shards.
     """
 
     THRESHOLDS = (11.25, 22.5, 30.0)
@@ -70,10 +75,23 @@ class NormalMetric(Metric):
         if ang.numel() == 0:
             return dict.fromkeys(Normal.metric_directions, float("nan"))
         a = ang.double()
-        out = {"angle_mean": float(a.mean()), "angle_median": float(_median(a))}
+        n = a.numel()
+        total = ExactSum()
+        total.add(a)
+        out = {"angle_mean": total.mean(n), "angle_median": float(_median(a))}
         for th in self.THRESHOLDS:
-            out[f"within_{th:g}"] = float((a <= th).double().mean())
+            out[f"within_{th:g}"] = int((a <= th).sum()) / n
         return out
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """``angles``: every angle seen, in order (float32 ``[P]``)."""
+        return {"angles": torch.cat(self.angles) if self.angles else torch.zeros(0)}
+
+    def merge_states(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        for st in states:
+            angles = st["angles"].reshape(-1).to("cpu", torch.float32)
+            if angles.numel():
+                self.angles.append(angles)
 
 
 def _median(x: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,27 @@ class SegmentationMetric(Metric):
         miou = float((tp[keep] / union[keep]).mean()) if bool(keep.any()) else 0.0
         return {"miou": miou, "pixel_acc": float(tp.sum() / m.sum())}
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """``confusion`` (int64 ``[C, C]``; ``[0, 0]`` while the class count is still unknown)."""
+        if self.confusion is None:
+            return {"confusion": torch.zeros(0, 0, dtype=torch.int64)}
+        return {"confusion": self.confusion.clone()}
+
+    def merge_states(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        for st in states:
+            other = st["confusion"]
+            if other.dim() == 2 and other.numel() == 0:
+                continue
+            square = other.dim() == 2 and other.shape[0] == other.shape[1]
+            if not square or (self.num_classes is not None and other.shape[0] != self.num_classes):
+                raise AutomtlError(f"segment_semantic: cannot merge a confusion matrix of shape "
+                                   f"{tuple(other.shape)} into one of {self.num_classes} classes")
+            c = other.shape[0]
+            if self.confusion is None:
+                self.num_classes = c
+                self.confusion = torch.zeros(c, c, dtype=torch.int64)
+            self.confusion += other.to("cpu", torch.int64)
+
 
 class SegmentSemantic(TaskType):
     """Semantic segmentation with ``num_classes`` classes.

@@ -65,26 +65,34 @@ class EpochView(Dataset):
 
 
 class StepSampler(Sampler[list[tuple[int, int]]]):
-    """Yields the ``(index, epoch)`` keys of batch ``start``, ``start + 1``, ... without end."""
+    """Yields the ``(index, epoch)`` keys of batch ``start``, ``start + 1``, ... without end.
 
-    def __init__(self, length: int, batch_size: int, seed: int, stage: str) -> None:
+    With ``world`` processes, step ``k``'s global batch (``batch_size * world`` samples, drawn as one
+    process would draw a batch of that size) is split in rank order and this rank gets part ``rank``: the
+    ranks together see exactly the batch one process with the effective batch size sees.
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int, stage: str, rank: int = 0, world: int = 1) -> None:
         self.length, self.batch_size, self.seed, self.stage = length, batch_size, seed, stage
+        self.rank, self.world = rank, world
         self.start = 0
         self._order: tuple[int, torch.Tensor] | None = None
 
     def keys(self, step: int) -> list[tuple[int, int]]:
-        """The keys of batch ``step``: position ``step`` of the epochs' shuffled orders (a short last
-        batch of an epoch is filled from the start of the same order)."""
-        per_epoch = max(1, self.length // self.batch_size)
+        """The keys of this rank's part of batch ``step``: position ``step`` of the epochs' shuffled orders
+        (a short last batch of an epoch is filled from the start of the same order)."""
+        size = self.batch_size * self.world
+        per_epoch = max(1, self.length // size)
         epoch, pos = divmod(step, per_epoch)
         if self._order is None or self._order[0] != epoch:
             gen = torch.Generator().manual_seed(step_seed(self.seed, self.stage, epoch))
             self._order = (epoch, torch.randperm(self.length, generator=gen))
         order = self._order[1]
-        idx = order[pos * self.batch_size:(pos + 1) * self.batch_size].tolist()
-        if len(idx) < self.batch_size:
-            idx += order[:self.batch_size - len(idx)].tolist()
-        return [(i, epoch) for i in idx]
+        idx = order[pos * size:(pos + 1) * size].tolist()
+        while len(idx) < size:
+            idx += order[:size - len(idx)].tolist()
+        mine = idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return [(i, epoch) for i in mine]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step = self.start
@@ -100,15 +108,17 @@ class Batches:
     """Deterministic training batches of one split for one stage; see the module docstring."""
 
     def __init__(self, dataset: Any, batch_size: int, seed: int, stage: str, *, workers: int = 0,
-                 pin_memory: bool = False, tasks: tuple[str, ...] | None = None) -> None:
+                 pin_memory: bool = False, tasks: tuple[str, ...] | None = None, rank: int = 0,
+                 world: int = 1) -> None:
         if len(dataset) == 0:
             raise AutomtlError(f"the {stage} data split is empty")
         self.dataset, self.batch_size, self.seed, self.stage = dataset, batch_size, seed, stage
+        self.rank, self.world = rank, world
         #: The tasks these batches are drawn for (None: every task), e.g. a target task's labelled part.
         self.tasks = tasks
         self.workers, self.pin_memory = workers, pin_memory
         self.view = EpochView(dataset)
-        self.sampler = StepSampler(len(dataset), batch_size, seed, stage)
+        self.sampler = StepSampler(len(dataset), batch_size, seed, stage, rank, world)
         self._loader: DataLoader | None = None
         self._iter: Iterator[Batch] | None = None
         self._next = -1
@@ -130,7 +140,7 @@ class Batches:
     def for_task(self, i: int) -> Batches:
         """The batches of the ``i``-th task's own loader (AutoMTL's per-task loaders): another order."""
         return Batches(self.dataset, self.batch_size, self.seed + 1 + i, self.stage, workers=self.workers,
-                       pin_memory=self.pin_memory)
+                       pin_memory=self.pin_memory, rank=self.rank, world=self.world)
 
     def close(self) -> None:
         """Stop the worker processes (a new request starts them again)."""
@@ -149,9 +159,11 @@ def labelled_part(dataset: Any, fraction: float, seed: int) -> Any:
     return Subset(dataset, order[:keep].tolist())
 
 
-def eval_loader(dataset: Any, batch_size: int, workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """The whole validation split once, in order (no shuffling, the last batch may be short)."""
-    if len(dataset) == 0:
+def eval_loader(dataset: Any, batch_size: int, workers: int = 0, pin_memory: bool = False, *,
+                allow_empty: bool = False) -> DataLoader:
+    """The whole validation split once, in order (no shuffling, the last batch may be short); an empty one
+    only where ``allow_empty`` (a rank's share of a split smaller than the ranks' batches)."""
+    if len(dataset) == 0 and not allow_empty:
         raise AutomtlError("the validation split is empty; evaluation needs at least one sample")
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))

@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "bf16": False,
+    "sync_batchnorm": False,
     "tensorboard": False,
     "baselines": None,
 }

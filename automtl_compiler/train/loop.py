@@ -21,6 +21,14 @@ from ..nn.policy import Policy
 from ..nn.supermodel import SuperModel
 from .batches import Batch, Batches, labelled_part, step_seed
 from .checkpoint import load_checkpoint, peek_state, save_checkpoint
+from .distributed import (
+    SINGLE,
+    DistContext,
+    all_reduce_sum,
+    average_gradients,
+    barrier,
+    broadcast_buffers,
+)
 from .evaluation import Evaluator
 from .schedulers import Combiner, Scheduler, SpanContext, StepContext, WeightedSum
 from .settings import TrainConfig
@@ -66,8 +74,9 @@ class Loop:
     def __init__(self, cfg: TrainConfig, out: Path, model: SuperModel, *, opts: dict[str, torch.optim.Optimizer],
                  scheds: dict[str, Any], scheduler: Scheduler, scheduler_stages: tuple[str, ...],
                  evaluator: Evaluator, datasets: dict[str, Any], task_types: dict[str, Any], device: torch.device,
-                 progress: bool = True) -> None:
-        self.cfg, self.out, self.model, self.device, self.progress = cfg, out, model, device, progress
+                 progress: bool = True, dist: DistContext = SINGLE) -> None:
+        self.cfg, self.out, self.model, self.device, self.dist = cfg, out, model, device, dist
+        self.progress = progress and dist.is_main
         self.tasks = cfg.task_names
         self.datasets, self.task_types, self.evaluator = datasets, task_types, evaluator
         self.opts, self.scheds = opts, scheds
@@ -86,7 +95,8 @@ class Loop:
         loaded by the config's workers."""
         dataset = self.datasets[split] if isinstance(split, str) else split
         return Batches(dataset, self.cfg.batch_size, self.cfg.seed + seed_offset, stage,
-                       workers=self.cfg.dataset.workers, pin_memory=self.device.type == "cuda")
+                       workers=self.cfg.dataset.workers, pin_memory=self.device.type == "cuda",
+                       rank=self.dist.rank, world=self.dist.world)
 
     def labelled_batches(self, stage: str) -> Batches | None:
         """Batches from the labelled part of the training set for a scheduler with a target task (TMT): its
@@ -156,10 +166,14 @@ class Loop:
         opt.zero_grad(set_to_none=True)
         combiner = self.scheduler if stage in self.scheduler_stages and isinstance(self.scheduler, Combiner) else self.plain
         params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
-        combiner.backward(losses, StepContext(params=params, feature=z))
+        combiner.backward(losses, StepContext(params=params, feature=z, world=self.dist.world,
+                                              reduce=lambda t: all_reduce_sum(t, self.dist)))
         if extra is not None:
             extra().backward()
+        average_gradients(params, self.dist)
         opt.step()
+        if not self.cfg.sync_batchnorm:
+            broadcast_buffers(self.model, self.dist)
         return {t: float(v.detach()) for t, v in losses.items()}
 
     def span_context(self, stage: str, mode: str, batches: Batches, start: int, count: int,
@@ -211,7 +225,8 @@ class Loop:
         try:
             while self.state["step"] < iters:
                 step = self.state["step"]
-                torch.manual_seed(step_seed(self.cfg.seed, stage, step))  # dropout and any other global draw
+                # dropout (the one global draw): each rank its own masks for its own samples
+                torch.manual_seed(step_seed(self.cfg.seed, stage, step) + self.dist.rank)
                 info, count = body(step)
                 self.state["step"] = step + count
                 bar.update(info, count)
@@ -237,14 +252,16 @@ class Loop:
     def checkpoint(self) -> None:
         """Save the model, the current stage's optimisers (earlier stages' moments are never used again)
         and the gradient scheduler's state and optimisers; the checkpoint before it is kept as a fallback."""
-        live = {k: self.opts[k] for k in STAGE_OPTIMIZERS[self.state["stage"]]}
-        live.update(self.scheduler_optimizers())
-        scheds = self.scheds if self.state["stage"] == "posttrain" else {}
-        save_checkpoint(self.out / "checkpoints", self.model, live, scheds, self.state,
-                        modules={"scheduler": self.scheduler})
-        if self.on_checkpoint is not None:
-            self.on_checkpoint()
-        self.evaluator.flush()
+        if self.dist.is_main:  # the ranks hold the same weights and state: rank 0 writes them
+            live = {k: self.opts[k] for k in STAGE_OPTIMIZERS[self.state["stage"]]}
+            live.update(self.scheduler_optimizers())
+            scheds = self.scheds if self.state["stage"] == "posttrain" else {}
+            save_checkpoint(self.out / "checkpoints", self.model, live, scheds, self.state,
+                            modules={"scheduler": self.scheduler})
+            if self.on_checkpoint is not None:
+                self.on_checkpoint()
+            self.evaluator.flush()
+        barrier(self.dist)
 
     def restore(self) -> None:
         """Continue from the run directory's checkpoint: its policy and scheduler stage first (they shape

@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import yaml
 from ..errors import AutomtlError
 from ..ir.serialize import atomic_write
 from .config import dump_config, load_config
+from .distributed import barrier, context_from_env
 from .trainer import Trainer
 
 SPLITS = ("train", "policy", "val")  # the synthetic scenes' splits, disjoint by construction
@@ -288,7 +289,11 @@ def train(config: str | Path | None, overrides: list[str], out: str | Path, *, r
     datasets = make_datasets(cfg)
     resolve_input_size(cfg, datasets)
     kind = "train" if baseline is None else f"baseline-{baseline}"
-    with run_directory(out, cfg, resume=resume, overwrite=overwrite, kind=kind) as run_dir:
+    ctx, _ = context_from_env(cfg["device"])
+    opened = (run_directory(out, cfg, resume=resume, overwrite=overwrite, kind=kind) if ctx.is_main
+              else nullcontext(RunDir(out, resumed=False, replaced=None)))
+    with opened as run_dir:
+        barrier(ctx)  # rank 0 has prepared the run directory (or failed, and torchrun stops every rank)
         types = make_task_types(cfg, datasets["train"])
         if baseline == "single-task":
             return train_single_task_references(cfg, out, datasets=datasets, task_types=types, progress=progress,
@@ -320,19 +325,25 @@ def train_single_task_references(cfg: dict[str, Any], out: Path, *, datasets: di
     (what replaces an earlier run with ``--overwrite`` waits for)."""
     budget = reference_budget(cfg)
     budget["scheduler"] = {"name": "sum"}  # one task: nothing to schedule
-    write_marker(out, "baseline-single-task")
-    (out / "config.yaml").write_text(dump_config(cfg))
+    ctx, _ = context_from_env(cfg["device"])
+    if ctx.is_main:
+        write_marker(out, "baseline-single-task")
+        (out / "config.yaml").write_text(dump_config(cfg))
     reports = {}
     for task in cfg["tasks"]:
         one = copy.deepcopy(budget)
         one["tasks"] = {task: cfg["tasks"][task]}
-        write_marker(out / task, "reference")
+        if ctx.is_main:
+            write_marker(out / task, "reference")
+        barrier(ctx)
         trainer = Trainer(one, out / task, datasets=datasets, task_types={task: task_types[task]},
                           progress=progress, baseline=True)
         trainer.on_checkpoint = on_checkpoint
         reports[task] = trainer.run()
     merged = {"tasks": {t: r["tasks"][t] for t, r in reports.items()},
               "parameters": {"single_task_total": sum(r["parameters"]["compact"] for r in reports.values())}}
-    text = json.dumps(merged, indent=1)
-    atomic_write(out / "report.json", lambda tmp: tmp.write_text(text))
+    if ctx.is_main:
+        text = json.dumps(merged, indent=1)
+        atomic_write(out / "report.json", lambda tmp: tmp.write_text(text))
+    barrier(ctx)
     return merged

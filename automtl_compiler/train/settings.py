@@ -149,6 +149,7 @@ class TrainConfig:
     seed: int
     device: str
     bf16: bool
+    sync_batchnorm: bool
     tensorboard: bool
     baselines: str | None
 
@@ -179,7 +180,7 @@ class TrainConfig:
                 posttrain=PosttrainSettings(**{**stages["posttrain"], "betas": tuple(stages["posttrain"]["betas"])})),
             batch_size=c["batch_size"], eval_every=c["eval_every"], eval_batches=c["eval_batches"],
             checkpoint_every=c["checkpoint_every"], seed=c["seed"], device=c["device"], bf16=c["bf16"],
-            tensorboard=c["tensorboard"], baselines=c["baselines"])
+            sync_batchnorm=c["sync_batchnorm"], tensorboard=c["tensorboard"], baselines=c["baselines"])
 
 
 def _scheduler(section: dict[str, Any]) -> SchedulerSettings:

@@ -17,6 +17,7 @@ import torch
 from ..nn.policy import Policy
 from ..nn.supermodel import SuperModel
 from .batches import Batches, step_seed
+from .distributed import broadcast_int
 from .loop import Loop
 from .schedulers import MetaScheduler
 from .scoring import candidate_scores
@@ -142,14 +143,15 @@ def sample(loop: Loop) -> None:
     for i, a in zip(scored, found):
         accuracy[i] = a
     scores = [None if a is None else a - s.cost_weight * 100 * r for a, r in zip(accuracy, ratios)]
-    pick = max(scored, key=lambda i: scores[i])
+    pick = broadcast_int(max(scored, key=lambda i: scores[i]), loop.dist)  # every rank takes rank 0's choice
     best = policies[pick]
     loop.state["candidates"] = [{"accuracy": a, "macs_ratio": r, "score": sc, "within_budget": w,
                                  "chosen": i == pick, "policy": p.counts()}
                                 for i, (a, r, sc, w, p) in enumerate(zip(accuracy, ratios, scores, within, policies))]
     model.set_policy(best)
     loop.state["policy"] = best.to_json()
-    best.save(loop.out / "policy.json")
+    if loop.dist.is_main:
+        best.save(loop.out / "policy.json")
     loop.checkpoint()
 
 

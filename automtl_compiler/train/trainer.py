@@ -11,6 +11,7 @@ uninterrupted run exactly (on the CPU with deterministic algorithms).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,27 +23,20 @@ from ..errors import AutomtlError
 from ..ir.serialize import atomic_write
 from ..nn.policy import Policy
 from ..nn.supermodel import SuperModel
+from ..nn.sync_batchnorm import synchronise_batchnorm
 from . import stages
 from .batches import STAGES, Batches
 from .checkpoint import has_checkpoint
 from .config import dump_config
+from .distributed import DistContext, barrier, check_same_weights, context_from_env
 from .evaluation import Evaluator, open_board
 from .loop import Loop
-from .schedulers import Scheduler, SpanContext
+from .schedulers import Scheduler, SpanContext, WeightedSum
 from .schedulers import create as create_scheduler
 from .scoring import delta_m_against, read_baseline
 from .settings import TRAINING_STAGES, TrainConfig
 
-__all__ = ["Batches", "Trainer", "build_model", "make_scheduler", "pick_device", "read_baseline"]
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` is CUDA when a GPU is usable, else the CPU; ``cuda`` without a GPU is an error."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AutomtlError("device: cuda was asked for but no CUDA GPU is usable here; use device: cpu or auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+__all__ = ["Batches", "Trainer", "build_model", "check_distributable", "make_scheduler", "read_baseline"]
 
 
 def make_scheduler(cfg: TrainConfig, baseline: bool = False) -> tuple[Scheduler, tuple[str, ...]]:
@@ -72,6 +66,21 @@ def make_scheduler(cfg: TrainConfig, baseline: bool = False) -> tuple[Scheduler,
         raise AutomtlError(f"config: scheduler '{name}' has no stage to run in here (it runs in "
                            f"{', '.join(scheduler.stages)}); use another scheduler")
     return scheduler, chosen
+
+
+def check_distributable(cfg: TrainConfig, scheduler: Scheduler, stages_run: tuple[str, ...],
+                        ctx: DistContext) -> None:
+    """Across processes every rank averages its gradients, which is exact for a weighted sum of losses (a
+    linear combination); IMTL reduces what it needs over the ranks first (``StepContext.reduce``). Any other
+    scheduler combines per-task gradients non-linearly and would balance each rank's part of the batch, not
+    the batch, so it is refused at start rather than run wrongly."""
+    from .schedulers.imtl import IMTL  # imported when needed, as the registry does
+
+    if not ctx.distributed or not stages_run or isinstance(scheduler, (WeightedSum, IMTL)):
+        return
+    raise AutomtlError(f"scheduler '{cfg.scheduler.name}' cannot run across {ctx.world} processes yet: it combines "
+                       "the tasks' gradients non-linearly, so each process would balance its own part of the batch; "
+                       "use scheduler sum or imtl with several processes, or run this scheduler in one process")
 
 
 def build_model(cfg: TrainConfig, task_types: dict[str, Any]) -> SuperModel:
@@ -110,18 +119,25 @@ class Trainer:
         self.settings = s = TrainConfig.from_dict(cfg)
         self.datasets, self.task_types = datasets, task_types
         self.tasks = s.task_names
-        self.device = pick_device(s.device)
-        self.board = open_board(s, self.out)
+        self.dist, self.device = context_from_env(s.device)
+        self.board = open_board(s, self.out) if self.dist.is_main else None
         self.scheduler, self.scheduler_stages = make_scheduler(s, baseline)
+        check_distributable(s, self.scheduler, self.scheduler_stages, self.dist)
         if s.baselines:
             read_baseline(Path(s.baselines), self.tasks)  # fail now, not after training
         self.model = build_model(s, task_types).to(self.device)
+        if s.sync_batchnorm and self.dist.distributed:
+            synchronise_batchnorm(self.model)
+        check_same_weights(self.model, self.dist)
         self.opts, self.scheds = stages.make_optimizers(self.model, s.stages)
         self.evaluator = Evaluator(s, self.out, self.model, val=datasets.get("val"), task_types=task_types,
-                                   device=self.device, board=self.board)
+                                   device=self.device, board=self.board, dist=self.dist)
         self.loop = Loop(s, self.out, self.model, opts=self.opts, scheds=self.scheds, scheduler=self.scheduler,
                          scheduler_stages=self.scheduler_stages, evaluator=self.evaluator, datasets=datasets,
-                         task_types=task_types, device=self.device, progress=progress)
+                         task_types=task_types, device=self.device, progress=progress, dist=self.dist)
+        if self.dist.distributed and self.dist.is_main and progress:
+            print(f"{self.dist.world} processes ({self.dist.backend}), batch_size {s.batch_size} per process: "
+                  f"effective batch size {s.batch_size * self.dist.world}", file=sys.stderr, flush=True)
         self.plain = self.loop.plain
         if baseline:
             share = Policy({t: {u: "share" for u in self.model.unit_names} for t in self.tasks})
@@ -131,8 +147,10 @@ class Trainer:
     # ------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
         """Run (or resume) every stage and write the report; returns the report."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        barrier(self.dist)
         if has_checkpoint(self.out / "checkpoints"):
             self.loop.restore()
         self.model.train()
@@ -149,7 +167,8 @@ class Trainer:
         self.state["done"] = True
         self.checkpoint()
         report = self.report()
-        self.log_metrics("final", self.settings.stages.posttrain.iters, report["tasks"])
+        if self.dist.is_main:
+            self.log_metrics("final", self.settings.stages.posttrain.iters, report["tasks"])
         return report
 
     def report(self) -> dict[str, Any]:
@@ -167,12 +186,16 @@ class Trainer:
                   "policy": policy.counts(), "policy_units": units,
                   "parameters": {"compact": compact.num_parameters(), **compact.reference},
                   "macs": compact_cost(compact), "candidates": self.state.get("candidates", []),
-                  "evaluated": self.evaluated}
+                  "evaluated": self.evaluated,
+                  "batch": {"per_process": self.settings.batch_size, "processes": self.dist.world,
+                            "effective": self.settings.batch_size * self.dist.world}}
         if self.settings.baselines:
             report["delta_m"] = delta_m_against(Path(self.settings.baselines), metrics, self.task_types, self.tasks)
-        text = json.dumps(report, indent=1)
-        atomic_write(self.out / "report.json", lambda tmp: tmp.write_text(text))
-        draw_policy(units, self.out / "policy.png", title=f"policy of {self.out.name or self.out}")
+        if self.dist.is_main:
+            text = json.dumps(report, indent=1)
+            atomic_write(self.out / "report.json", lambda tmp: tmp.write_text(text))
+            draw_policy(units, self.out / "policy.png", title=f"policy of {self.out.name or self.out}")
+        barrier(self.dist)
         return report
 
     # ------------------------------------------------------------ the loop's surface

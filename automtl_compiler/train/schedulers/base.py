@@ -32,10 +32,21 @@ class StepContext:
     ``params`` are the parameters the step trains (its optimiser's); ``feature`` is a tensor that every task
     consumes and that every path from the input to a task output passes through (the end of the common
     trunk), or None when the model has none in this mode.
+
+    Across processes each rank sees its own part of the batch: ``reduce(t)`` returns the sum of ``t`` over the
+    ``world`` ranks (``t`` itself on one process), so that a combiner that is not linear in the gradients
+    (IMTL) can compute its weights from the whole batch's quantities, the same on every rank. The trainer
+    averages the ``.grad`` the combiner fills over the ranks afterwards.
     """
 
     params: list[nn.Parameter]
     feature: torch.Tensor | None = None
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    world: int = 1
+
+    def mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of ``t`` over the ranks (``t`` on one process): a whole-batch mean from per-rank means."""
+        return t if self.world == 1 else self.reduce(t) / self.world
 
 
 @dataclass

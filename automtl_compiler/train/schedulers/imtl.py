@@ -98,6 +98,15 @@ class IMTL(Combiner):
     e.g. a regulariser; they are trained but do not take part in the balancing. A loss that does not
     require gradients (a frozen head, a constant) is ignored: it gets no α and no scale update.
 
+    **Across processes** (each rank a part of the batch, ``StepContext.reduce``): α and the scales' update
+    come from the whole batch, the same on every rank. ``params`` level: each task's gradient of the shared
+    parameters is averaged over the ranks before α (the gradient of the whole batch's mean loss), so the
+    combined gradient is already the whole batch's. ``features`` level: the batch-summed z-gradients are
+    the mean over the ranks of each rank's batch-summed z-gradients of its own mean loss, so they are
+    averaged before α; the backward of Σ α_t ∂L_t/∂z then runs on each rank's own part and the trainer
+    averages it. The loss values that drive s are averaged over the ranks too, so s stays the same
+    everywhere.
+
     Hyper-parameters: ``method`` (above), ``level`` (above), ``loss_lr`` (Adam learning rate of s),
     ``init_scales`` (task -> the initial loss scale e^{s_t} > 0, default 1; the IMTL reference's
     ``init_loss`` gives s_t itself, so its ``init_loss`` v is ``init_scales`` e^v), ``exclude`` (above).
@@ -225,6 +234,8 @@ class IMTL(Combiner):
             alpha = self._backward_params(raw, factors, ctx)
         self.last_weights = self._full(alpha, index) if alpha is not None else None
         values = torch.stack([loss.detach().reshape(()).to(factors.dtype) for loss in raw])
+        if ctx is not None:  # the whole batch's losses: the scales' gradient is then the same on every rank
+            values = ctx.mean_over_ranks(values)
         objective = values * factors - s if self.log_scale is not None else values
         if self.log_scale is not None:
             grad = torch.zeros_like(self.log_scale)
@@ -307,6 +318,8 @@ class IMTL(Combiner):
         # copy of a gradient is made. A parameter is shared when two tasks give it a non-zero gradient,
         # read from the diagonal of its own Gram block (computed anyway) in one device-to-host copy.
         candidates = [p for p in params if sum(id(p) in g for g in per_task) >= 2]
+        if ctx is not None and ctx.world > 1:
+            self._mean_over_ranks(per_task, candidates, ctx)
         alpha = None
         coef = [float(f) for f in factors]
         shared_ids: set[int] = set()
@@ -341,6 +354,21 @@ class IMTL(Combiner):
             accumulate_grad(p, total)
         return alpha
 
+    @staticmethod
+    def _mean_over_ranks(per_task: list[dict[int, torch.Tensor]], params: list[nn.Parameter],
+                         ctx: StepContext) -> None:
+        """Replace each task's gradient of ``params`` by its mean over the ranks (one flat all-reduce): the
+        gradient of the whole batch's mean loss, from which every rank computes the same α and update."""
+        keys = [(t, id(p)) for p in params for t, g in enumerate(per_task) if id(p) in g]
+        if not keys:
+            return
+        grads = [per_task[t][k] for t, k in keys]
+        flat = ctx.mean_over_ranks(torch.cat([g.reshape(-1) for g in grads]))
+        offset = 0
+        for (t, k), g in zip(keys, grads):
+            per_task[t][k] = flat[offset:offset + g.numel()].view_as(g).to(g.dtype, copy=True)
+            offset += g.numel()
+
     def _backward_features(self, losses: list[torch.Tensor], factors: torch.Tensor,
                            ctx: StepContext) -> torch.Tensor:
         """Features level: α from the batch-summed gradients w.r.t. the shared tensor z."""
@@ -368,6 +396,7 @@ class IMTL(Combiner):
                     own.setdefault(id(p), []).append(g * f.to(g.dtype))
         stacked = torch.stack(z_grads)
         rows = stacked.sum(1) if z.dim() > 0 else stacked
+        rows = ctx.mean_over_ranks(rows)  # Σ over the whole batch of ∂(its mean loss)/∂z
         alpha = imtl_weights(rows.reshape(len(losses), -1))
         weights = alpha.to(device=stacked.device, dtype=stacked.dtype).reshape(-1, *([1] * z.dim()))
         combined = (weights * stacked).sum(0)
