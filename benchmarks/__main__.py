@@ -14,19 +14,21 @@ import sys
 import time
 
 from . import compile as compile_bench
-from . import data_loading, inference, schedulers, supermodel
+from . import data_loading, distributed, inference, schedulers, supermodel
 from .common import print_table
 
-FULL: dict[str, list[str]] = {"compile": [], "supermodel": [], "inference": [], "schedulers": [], "data_loading": []}
+FULL: dict[str, list[str]] = {"compile": [], "supermodel": [], "inference": [], "schedulers": [], "data_loading": [],
+                             "distributed": []}
 QUICK: dict[str, list[str]] = {
     "compile": ["--models", "resnet18", "--repeat", "3"],
     "supermodel": ["--hidden", "64", "--size", "128", "--repeat", "2"],
     "inference": ["--hidden", "64", "--size", "128", "--batches", "1", "--repeat", "3", "--no-rss"],
     "schedulers": ["--repeat", "3", "--no-memory"],
     "data_loading": ["--samples", "16", "--epochs", "2"],
+    "distributed": ["--size", "32", "--steps", "3", "--warmup", "1"],
 }
 MODULES = {"compile": compile_bench, "supermodel": supermodel, "inference": inference, "schedulers": schedulers,
-           "data_loading": data_loading}
+           "data_loading": data_loading, "distributed": distributed}
 
 
 def rows_of(table: str) -> list[list[str]]:

