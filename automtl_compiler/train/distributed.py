@@ -135,15 +135,6 @@ def check_same_weights(model: nn.Module, ctx: DistContext) -> None:
                            "config and the same automtl version (start them with one torchrun command)")
 
 
-def all_equal_flag(flag: bool, ctx: DistContext) -> bool:
-    """True on every rank when ``flag`` is True on every rank (for decisions all ranks must take together)."""
-    if not ctx.distributed:
-        return flag
-    t = torch.tensor([0 if flag else 1])
-    dist.all_reduce(t)
-    return int(t) == 0
-
-
 def broadcast_buffers(model: nn.Module, ctx: DistContext) -> None:
     """Give every rank rank 0's buffers (batch-norm running statistics), as ``DistributedDataParallel`` does
     before each forward: without synchronised batch norm each rank's statistics follow its own batches.
