@@ -209,3 +209,31 @@ def test_without_sync_batchnorm_every_rank_gets_rank_0s_running_statistics(tmp_p
     assert [b.dtype for b in zero] == [torch.float32, torch.float32, torch.int64] * 2
     for i, (a, b) in enumerate(zip(zero, one)):
         assert torch.equal(a, b) and torch.all(a == i), i
+
+
+def _weights_rank(rank: int, world: int, port: int, out: str) -> None:
+    from automtl_compiler.train.distributed import DistContext, check_same_weights
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Conv2d(3, 2, 1)
+        ctx = DistContext(rank, world, rank, "gloo")
+        check_same_weights(model, ctx)  # the same seed: equal
+        with torch.no_grad():
+            model.bias[0] += rank * 1e-3
+        try:
+            check_same_weights(model, ctx)
+            outcome = "passed"
+        except AutomtlError as e:
+            outcome = str(e)
+        Path(f"{out}/rank{rank}.txt").write_text(outcome)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_that_built_other_initial_weights_are_an_error(tmp_path):
+    mp.start_processes(_weights_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    assert (tmp_path / "rank0.txt").read_text() == "passed"
+    assert "rank 1 built other initial weights than rank 0" in (tmp_path / "rank1.txt").read_text()
