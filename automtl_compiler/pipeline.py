@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +59,8 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
     from .backends.onnx_export import export_onnx
     from .nn.compact import prune
     from .train.config import dump_config, load_config
-    from .train.distributed import barrier, context_from_env
+    from .train.distributed import context_from_env
     from .train.run import (
-        RunDir,
         make_datasets,
         make_task_types,
         resolve_input_size,
@@ -81,12 +79,9 @@ def run(config: str | Path | None, out: str | Path, *, quick: bool = False, over
     resolve_input_size(cfg, datasets)
     ctx, _ = context_from_env(cfg["device"])
     # the marker first, then config.yaml: a replaced run (--overwrite) waits aside until the first checkpoint
-    opened = (run_directory(out, cfg, resume=False, overwrite=overwrite, kind="run") if ctx.is_main
-              else nullcontext(RunDir(out, resumed=False, replaced=None)))
-    with opened as run_dir:
+    with run_directory(out, cfg, resume=False, overwrite=overwrite, kind="run", ctx=ctx) as run_dir:
         if ctx.is_main:
             (out / "config.yaml").write_text(dump_config(cfg))
-        barrier(ctx)
         quiet = not progress or not ctx.is_main
         types = make_task_types(cfg, datasets["train"])
         tasks = list(cfg["tasks"])

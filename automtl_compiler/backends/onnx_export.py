@@ -20,7 +20,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from ..errors import AutomtlError
+from ..errors import AutomtlError, one_line
 from ..ir.graph import Graph
 from ..ir.serialize import atomic_write
 from .torch_codegen import to_torch
@@ -165,15 +165,7 @@ def export_onnx(model: Any, path: str | Path, *, input_shape: Sequence[int] | No
             _torch_export(wrapper, example, tmp, opset, names_out, axes, constant_folding, dynamic_hw)
             proto = onnx.load(str(tmp))
             _dedupe_initialisers(proto)
-            del proto.metadata_props[:]
-            for key, value in meta.items():
-                proto.metadata_props.add(key=key, value=value)
-            try:
-                onnx.checker.check_model(proto, full_check=True)
-            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-                raise AutomtlError(f"the exported ONNX model for {path} fails onnx.checker ({e}); the file was "
-                                   "not written. Report this with the model") from None
-            onnx.save(proto, str(tmp))
+            save_checked(proto, meta, tmp, path)
             if verify:
                 inputs = _verification_inputs(shape, dynamic_batch, dynamic_hw, seed)
                 verify_compact_onnx(tmp, wrapper, inputs, names_out, atol=atol, shown_as=path)
@@ -182,6 +174,20 @@ def export_onnx(model: Any, path: str | Path, *, input_shape: Sequence[int] | No
     finally:
         model.train(was_training)
     return path
+
+
+def save_checked(proto: onnx.ModelProto, meta: dict[str, str], tmp: Path, path: str | Path) -> None:
+    """Give ``proto`` exactly the ``metadata_props`` ``meta``, check it with ``onnx.checker`` (full check) and
+    save it to ``tmp``; a model the checker refuses is an AutomtlError and nothing is saved."""
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise AutomtlError(f"the exported ONNX model for {path} fails onnx.checker ({one_line(e)}); the file was "
+                           "not written. Report this with the model") from None
+    onnx.save(proto, str(tmp))
 
 
 def _check_compact(model: Any, task: str | None) -> list[str]:

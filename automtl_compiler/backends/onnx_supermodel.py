@@ -29,6 +29,7 @@ from .onnx_export import (
     _dedupe_initialisers,
     _torch_export,
     check_outputs,
+    save_checked,
 )
 from .torch_codegen import generate
 
@@ -118,15 +119,7 @@ def export_supermodel_onnx(sm: Any, path: str | Path, *, tasks: Sequence[str] | 
             _dedupe_initialisers(proto)
             _declare_output_shapes(proto, json.loads(meta[METADATA_PREFIX + "output_shapes"]))
             _describe(proto, sm, view)
-            del proto.metadata_props[:]
-            for key, value in meta.items():
-                proto.metadata_props.add(key=key, value=value)
-            try:
-                onnx.checker.check_model(proto, full_check=True)
-            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-                raise AutomtlError(f"the exported ONNX model for {path} fails onnx.checker ({one_line(e)}); the "
-                                   "file was not written. Report this with the model") from None
-            onnx.save(proto, str(tmp))
+            save_checked(proto, meta, tmp, path)
             if verify:
                 _verify(tmp, wrapper, shape, gates_shape if view == "soft" else None, names_out, dynamic_batch,
                         seed, atol, device, path)

@@ -34,7 +34,7 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     here.add_module(leaf, module)
 
 
-def _adopt_tensors(node: Node, module: nn.Module) -> None:
+def adopt_tensors(node: Node, module: nn.Module) -> None:
     """Make ``node`` hold ``module``'s parameters and buffers (the same objects)."""
     node.params = {k: getattr(module, k) for k in node.params}
     node.buffers = {k: getattr(module, k) for k in node.buffers}
@@ -58,7 +58,7 @@ def install_modules(graph: Graph, root: nn.Module, paths: Mapping[str, str]) -> 
                 raise AutomtlError(f"{node.where}: op '{node.op}' is a function, it cannot live at '{path}'")
             _set_submodule(root, path, lowering.module)
             installed[path] = lowering.module
-        _adopt_tensors(node, installed[path])
+        adopt_tensors(node, installed[path])
 
 
 def generate(graph: Graph, root: nn.Module, *, paths: Mapping[str, str] | None = None,
@@ -120,4 +120,4 @@ def to_torch(graph: Graph, *, class_name: str | None = None) -> fx.GraphModule:
     return generate(graph, nn.Module(), class_name=class_name or re.sub(r"\W", "_", graph.name) or "Compiled")
 
 
-__all__ = ["generate", "install_modules", "module_name", "to_torch"]
+__all__ = ["adopt_tensors", "generate", "install_modules", "module_name", "to_torch"]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..backends.names import check_task_name
-from ..backends.torch_codegen import generate, install_modules
+from ..backends.torch_codegen import adopt_tensors, generate, install_modules
 from ..errors import AutomtlError
 from ..ir.graph import Graph
 from ..passes.infra import run_passes
@@ -264,9 +264,7 @@ class SuperModel(nn.Module):
         for node in self.mt.graph.nodes():
             path = self.mt.module_paths.get(node.name)
             if path is not None:
-                module = self.get_submodule(path)
-                node.params = {k: getattr(module, k) for k in node.params}
-                node.buffers = {k: getattr(module, k) for k in node.buffers}
+                adopt_tensors(node, self.get_submodule(path))
         return self.mt
 
     # ------------------------------------------------------------ files

@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import yaml
 from ..errors import AutomtlError
 from ..ir.serialize import atomic_write
 from .config import dump_config, load_config
-from .distributed import barrier, context_from_env
+from .distributed import SINGLE, DistContext, barrier, context_from_env
 from .trainer import Trainer
 
 SPLITS = ("train", "policy", "val")  # the synthetic scenes' splits, disjoint by construction
@@ -235,14 +235,21 @@ def _warn(text: str) -> None:
 
 
 @contextmanager
-def run_directory(out: Path, cfg: dict[str, Any], *, resume: bool, overwrite: bool, kind: str) -> Iterator[RunDir]:
+def run_directory(out: Path, cfg: dict[str, Any], *, resume: bool, overwrite: bool, kind: str,
+                  ctx: DistContext = SINGLE) -> Iterator[RunDir]:
     """Open ``out`` for a run of ``cfg`` (call it once the config is validated and the datasets built).
 
     The marker is written before anything else. A run replaced by ``overwrite`` is moved to a hidden
     sibling ``.<name>.replaced-<time>``; it is deleted at the new run's first checkpoint (``commit``) or
     when the new run ends, and put back, with a note on stderr, when the new run fails before that.
+    With several processes rank 0 prepares the directory and the others wait for it (if rank 0 fails,
+    torchrun stops them); only rank 0's handle replaces or restores anything.
     """
     out = Path(out)
+    if not ctx.is_main:
+        barrier(ctx)
+        yield RunDir(out, resumed=False, replaced=None)
+        return
     decision = _decide(out, cfg, resume=resume, overwrite=overwrite, kind=kind)
     for left in _left_aside(out):
         _warn(f"note: {left} holds a run that was being replaced by {out} when automtl was stopped; move it back "
@@ -254,6 +261,7 @@ def run_directory(out: Path, cfg: dict[str, Any], *, resume: bool, overwrite: bo
     handle = RunDir(out, decision == "resume", replaced)
     try:
         write_marker(out, kind)
+        barrier(ctx)
         yield handle
     except BaseException:
         if handle.replaced is not None:
@@ -290,10 +298,7 @@ def train(config: str | Path | None, overrides: list[str], out: str | Path, *, r
     resolve_input_size(cfg, datasets)
     kind = "train" if baseline is None else f"baseline-{baseline}"
     ctx, _ = context_from_env(cfg["device"])
-    opened = (run_directory(out, cfg, resume=resume, overwrite=overwrite, kind=kind) if ctx.is_main
-              else nullcontext(RunDir(out, resumed=False, replaced=None)))
-    with opened as run_dir:
-        barrier(ctx)  # rank 0 has prepared the run directory (or failed, and torchrun stops every rank)
+    with run_directory(out, cfg, resume=resume, overwrite=overwrite, kind=kind, ctx=ctx) as run_dir:
         types = make_task_types(cfg, datasets["train"])
         if baseline == "single-task":
             return train_single_task_references(cfg, out, datasets=datasets, task_types=types, progress=progress,
