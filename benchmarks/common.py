@@ -31,9 +31,10 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return text
 
 
-def in_fresh_process(target: Callable[..., None], *args: Any) -> float:
-    """Run ``target(*args, queue)`` in a fresh (spawned) process and return the number it puts on the queue:
-    how peak-memory figures are taken, so that each starts from an empty interpreter."""
+def in_fresh_process(target: Callable[..., None], *args: Any) -> Any:
+    """Run ``target(*args, queue)`` in a fresh (spawned) process and return what it puts on the queue (a
+    number or a tuple of numbers): how peak-memory figures are taken, so that each starts from an empty
+    interpreter."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -42,7 +43,7 @@ def in_fresh_process(target: Callable[..., None], *args: Any) -> float:
     proc.start()
     value = queue.get()
     proc.join()
-    return float(value)
+    return value
 
 
 def peak_rss_mb() -> float:

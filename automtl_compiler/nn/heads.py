@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from .. import limits
 from ..classpath import (
@@ -251,3 +252,29 @@ def create_head(name: str, in_channels: int, num_classes: int, **options: Any) -
     if cls is not BUILTIN_HEADS.get(name):
         head.spec = {"type": name, "in_channels": in_channels, "num_classes": num_classes, "options": dict(options)}
     return head
+
+
+def with_heads(body: nn.Module, heads: nn.ModuleDict, tasks: Sequence[str], extra_inputs: int,
+               passes_z: bool) -> fx.GraphModule:
+    """One module for ``body`` (a generated module: image and ``extra_inputs`` tensors in, one feature per
+    task and optionally z out) followed by each task's head, as :func:`apply_head` calls it.
+
+    Its ``forward`` is generated code of its own, so ``torch.compile`` keeps a compile cache per module
+    (heads of one class share a code object, and compiling them one by one would evict each other)."""
+    root = nn.Module()
+    root.body = body
+    root.heads = heads
+    g = fx.Graph()
+    x = g.placeholder("x")
+    rest = [g.placeholder(f"in{i}") for i in range(extra_inputs)]
+    out = g.call_module("body", (x, *rest))
+    size = g.call_function(operator.getitem, (g.call_method("size", (x,)), slice(2, None)))
+    results = []
+    for i, t in enumerate(tasks):
+        feature = g.call_function(operator.getitem, (out, i))
+        kwargs = {"input_size": size} if getattr(heads[t], "upsample_to_input", False) else {}
+        results.append(g.call_module(f"heads.{t}", (feature,), kwargs))
+    if passes_z:
+        results.append(g.call_function(operator.getitem, (out, len(tasks))))
+    g.output(tuple(results))
+    return fx.GraphModule(root, g, class_name="SuperModelCall")

@@ -12,7 +12,7 @@ policies first differ - runs once in ``forward_all``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..backends.names import check_task_name
+from ..backends.fx_checkpoint import checkpoint_mixes
 from ..backends.torch_codegen import adopt_tensors, generate, install_modules
 from ..errors import AutomtlError
 from ..ir.graph import Graph
+from ..ir.ops_multitask import mix
 from ..passes.infra import run_passes
 from ..passes.multitask import BRANCHES, MultiTaskGraph, Unit
 from ..passes.prune import (
@@ -34,7 +36,7 @@ from ..passes.prune import (
     inline_selects,
     keep_outputs,
 )
-from .heads import apply_head
+from .heads import apply_head, with_heads
 from .policy import Policy, gumbel_softmax
 from .supermodel_io import load_supermodel, save_supermodel
 
@@ -74,6 +76,9 @@ class SuperModel(nn.Module):
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
         self._fixed: Policy | None = None
         self._compiled: OrderedDict[Any, fx.GraphModule] = OrderedDict()
+        self._backend: str | None = None
+        self._checkpointing = False
+        self._optimised: dict[Any, Any] = {}
         levels = mt.num_levels
         self.register_buffer("_depth_weight", torch.tensor([(levels - u.depth) / levels for u in self.units]),
                              persistent=False)
@@ -181,18 +186,65 @@ class SuperModel(nn.Module):
             if tau <= 0:
                 raise AutomtlError(f"temperature tau must be positive, got {tau}")
             gates = gumbel_softmax(torch.stack([self.logits(t) for t in self.tasks]), tau, generator)
-            feats, z = self._compiled_for(("soft", tasks))(x, gates), None
-        elif mode == "pretrain":
+            return self._outputs(("soft", tasks), tasks, feature, x, gates)
+        if mode == "pretrain":
             gates = torch.full((len(self.tasks), len(self.units), 3), 1 / 3, device=x.device, dtype=x.dtype)
-            feats, z = self._compiled_for(("soft", tasks))(x, gates), None
-        elif mode in ("hard", "fixed"):
-            gm = self._compiled_for(("plan", self._plan(mode, tasks, policy)))
-            out = gm(x)
-            feats, z = out[:len(tasks)], (out[len(tasks)] if gm.meta["automtl_trunk_end"] is not None else None)
+            return self._outputs(("soft", tasks), tasks, feature, x, gates)
+        if mode in ("hard", "fixed"):
+            return self._outputs(("plan", self._plan(mode, tasks, policy)), tasks, feature, x)
+        raise AutomtlError(f"unknown mode '{mode}'; use one of {MODES}")
+
+    def _outputs(self, key: Any, tasks: tuple[str, ...], feature: bool, x: torch.Tensor, *rest: torch.Tensor) -> Any:
+        """``forward_all``'s result for the call ``key``: the generated module, then the heads."""
+        gm = self._compiled_for(key)
+        has_z = gm.meta["automtl_trunk_end"] is not None
+        if self._backend is None:
+            out = gm(x, *rest)
+            outs = {t: apply_head(self.heads[t], f, x) for t, f in zip(tasks, out)}
         else:
-            raise AutomtlError(f"unknown mode '{mode}'; use one of {MODES}")
-        outs = {t: apply_head(self.heads[t], f, x) for t, f in zip(tasks, feats)}
+            fn = self._optimised.get(key)
+            if fn is None:
+                fn = self._optimised[key] = torch.compile(with_heads(gm, self.heads, tasks, len(rest), has_z),
+                                                          backend=self._backend)
+            out = fn(x, *rest)
+            outs = dict(zip(tasks, out))
+        z = out[len(tasks)] if has_z else None
         return (outs, z) if feature else outs
+
+    # ------------------------------------------------------------ compilation
+    def use_compiler(self, backend: str | None) -> None:
+        """Run each kind of call (its generated module and the heads) through ``torch.compile`` with
+        ``backend`` (e.g. ``"inductor"``); None runs them eagerly. Compiling one generated module per kind of
+        call, not :meth:`forward_all`, keeps Python-side choices (mode, temperature, policy, generators) out
+        of the compiled code: only tensors flow in, and each call's code has its own compile cache."""
+        if backend != self._backend:
+            self._backend, self._optimised = backend, {}
+
+    def use_checkpointing(self, on: bool) -> None:
+        """Recompute each unit's branches in the backward of soft and pre-training calls instead of keeping
+        their activations (:mod:`~automtl_compiler.backends.fx_checkpoint`): less memory, one more forward
+        pass of the branches."""
+        if bool(on) != self._checkpointing:
+            self._checkpointing = bool(on)
+            for key in [k for k in self._compiled if k[0] == "soft"]:
+                del self._compiled[key]
+                self._optimised.pop(key, None)
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether soft and pre-training calls checkpoint their units' branches."""
+        return self._checkpointing
+
+    @property
+    def compiler_backend(self) -> str | None:
+        """The ``torch.compile`` backend in use (None: eager)."""
+        return self._backend
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave compiled wrappers behind (they compile again on first use)."""
+        state = dict(self.__dict__)
+        state["_optimised"] = {}
+        return state
 
     def trunk_end(self, mode: str = "fixed", policy: Policy | None = None, tasks: Sequence[str] | None = None) -> str | None:
         """The node (of ``mt.graph``) whose value is ``z`` of ``forward_all(..., feature=True)`` (None if none)."""
@@ -221,7 +273,8 @@ class SuperModel(nn.Module):
             gm = self._emit(key)
             self._compiled[key] = gm
             if len(self._compiled) > _CACHE_SIZE:
-                self._compiled.popitem(last=False)
+                old, _ = self._compiled.popitem(last=False)
+                self._optimised.pop(old, None)
         else:
             self._compiled.move_to_end(key)
         return gm
@@ -255,6 +308,10 @@ class SuperModel(nn.Module):
         outputs = [*graph.outputs, *([end] if end is not None else [])]
         gm = generate(graph, self, paths=self.mt.module_paths, outputs=outputs, as_tuple=True,
                       class_name="SuperModelForward")
+        if self._checkpointing and key[0] == "soft":
+            checkpoint_mixes(gm, is_mix=lambda n: n.op == "call_function" and n.target is mix,
+                             absorbable=lambda n: n.op == "call_function" or (
+                                 n.op == "call_module" and n.target.split(".")[0] in ("backbone", "specific", "skip")))
         gm.meta["automtl_trunk_end"] = end
         return gm
 

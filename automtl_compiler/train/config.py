@@ -62,7 +62,10 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 50,
     "seed": 0,
     "device": "auto",
-    "bf16": False,
+    "precision": "auto",
+    "channels_last": False,
+    "compile": "none",
+    "activation_checkpointing": False,
     "sync_batchnorm": False,
     "tensorboard": False,
     "baselines": None,
@@ -139,7 +142,9 @@ TASK_RANGES: dict[str, Bound] = {"hidden": Bound(1, MAX_CHANNELS), "channels": B
 OUTPUT_STRIDES = (8, 16, 32)
 
 _CHOICES = {"stages.sample.strategy": ("sample", "argmax"), "stages.posttrain.init": ("policy", "fresh"),
-            "device": ("auto", "cpu", "cuda"), "dataset.loader": ("shared", "per_task")}
+            "device": ("auto", "cpu", "cuda"),
+            "precision": ("auto", "fp32", "bf16", "fp16"), "compile": ("none", "inductor", "aot_eager"),
+            "dataset.loader": ("shared", "per_task")}
 _TASK_KEYS = {"type": str, "head": str, "hidden": int, "weight": float, "options": dict, "head_options": dict,
               "channels": int}
 _FREE_FORM = ("scheduler", "dataset.options", "dataset.split_options")
@@ -452,12 +457,28 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
 def validate_config(raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` merged over the defaults and checked: unknown keys, wrong types, values out of range and
     inconsistent settings are AutomtlErrors naming the dotted key. A checked config passes unchanged."""
-    cfg = _merge(DEFAULTS, raw, "")
+    cfg = _merge(DEFAULTS, _renamed_keys(raw), "")
     _validate(cfg, DEFAULTS)
     _validate_tasks(cfg["tasks"])
     _validate_dataset(cfg["dataset"])
     _validate_rest(cfg)
     return cfg
+
+
+def _renamed_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with keys of earlier versions in their current form: ``bf16: true|false`` (before
+    ``precision``) becomes ``precision: bf16|fp32``, so a run written then resumes in the arithmetic it
+    trained in."""
+    if not isinstance(raw, dict) or "bf16" not in raw:
+        return raw
+    raw = dict(raw)
+    old = raw.pop("bf16")
+    if not isinstance(old, bool):
+        raise AutomtlError(f"config: 'bf16' must be true or false, got {brief(old)} (it is now 'precision: bf16')")
+    if "precision" in raw:
+        raise AutomtlError("config: set 'precision' only; 'bf16' is its old name")
+    raw["precision"] = "bf16" if old else "fp32"
+    return raw
 
 
 def dump_config(cfg: dict[str, Any]) -> str:

@@ -30,8 +30,12 @@ from .distributed import (
     broadcast_buffers,
 )
 from .evaluation import Evaluator
+from .precision import Precision
 from .schedulers import Combiner, Scheduler, SpanContext, StepContext, WeightedSum
 from .settings import TrainConfig
+
+#: fp32 arithmetic throughout (no autocast, no loss scaling).
+FP32 = Precision("fp32", None, False, "asked for")
 
 #: The optimisers a stage steps (its checkpoints keep only these).
 STAGE_OPTIMIZERS = {"pretrain": ("pretrain",), "policy": ("network", "policy"), "sample": (),
@@ -74,8 +78,11 @@ class Loop:
     def __init__(self, cfg: TrainConfig, out: Path, model: SuperModel, *, opts: dict[str, torch.optim.Optimizer],
                  scheds: dict[str, Any], scheduler: Scheduler, scheduler_stages: tuple[str, ...],
                  evaluator: Evaluator, datasets: dict[str, Any], task_types: dict[str, Any], device: torch.device,
-                 progress: bool = True, dist: DistContext = SINGLE) -> None:
+                 progress: bool = True, dist: DistContext = SINGLE, precision: Precision = FP32) -> None:
         self.cfg, self.out, self.model, self.device, self.dist = cfg, out, model, device, dist
+        self.precision = precision
+        #: fp16's loss scaler (its scale is checkpointed); None in fp32 and bf16
+        self.scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
         self.progress = progress and dist.is_main
         self.tasks = cfg.task_names
         self.datasets, self.task_types, self.evaluator = datasets, task_types, evaluator
@@ -130,9 +137,12 @@ class Loop:
     # ------------------------------------------------------------ one step
     def forward(self, x: torch.Tensor, mode: str, tau: float = 1.0, generator: torch.Generator | None = None,
                 tasks: Any = None, feature: bool = False) -> Any:
-        """The model's outputs (under bf16 autocast when the config asks for it)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            return self.model.forward_all(x.to(self.device), mode=mode, tau=tau, generator=generator, tasks=tasks,
+        """The model's outputs, in the run's precision, memory format and compilation."""
+        x = x.to(self.device)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.precision.autocast(self.device):
+            return self.model.forward_all(x, mode=mode, tau=tau, generator=generator, tasks=tasks,
                                           feature=feature)
 
     def losses(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,12 +176,18 @@ class Loop:
         opt.zero_grad(set_to_none=True)
         combiner = self.scheduler if stage in self.scheduler_stages and isinstance(self.scheduler, Combiner) else self.plain
         params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
-        combiner.backward(losses, StepContext(params=params, feature=z, world=self.dist.world,
-                                              reduce=lambda t: all_reduce_sum(t, self.dist)))
+        scale = self.scaler.scale if self.scaler is not None else lambda v: v
+        combiner.backward({t: scale(v) for t, v in losses.items()},
+                          StepContext(params=params, feature=z, world=self.dist.world,
+                                      reduce=lambda t: all_reduce_sum(t, self.dist)))
         if extra is not None:
-            extra().backward()
-        average_gradients(params, self.dist)
-        opt.step()
+            scale(extra()).backward()
+        average_gradients(params, self.dist)  # before unscaling: every rank then skips the same steps
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
         if not self.cfg.sync_batchnorm:
             broadcast_buffers(self.model, self.dist)
         return {t: float(v.detach()) for t, v in losses.items()}
@@ -256,6 +272,8 @@ class Loop:
             live = {k: self.opts[k] for k in STAGE_OPTIMIZERS[self.state["stage"]]}
             live.update(self.scheduler_optimizers())
             scheds = self.scheds if self.state["stage"] == "posttrain" else {}
+            if self.scaler is not None:
+                self.state["loss_scaler"] = self.scaler.state_dict()
             save_checkpoint(self.out / "checkpoints", self.model, live, scheds, self.state,
                             modules={"scheduler": self.scheduler})
             if self.on_checkpoint is not None:
@@ -274,4 +292,6 @@ class Loop:
             self.prepare_scheduler(saved["scheduler_stage"])
         opts = self.opts | self.scheduler_optimizers()
         self.state = load_checkpoint(ckpt, self.model, opts, self.scheds, modules={"scheduler": self.scheduler})
+        if self.scaler is not None and self.state.get("loss_scaler"):
+            self.scaler.load_state_dict(self.state["loss_scaler"])
 

@@ -148,7 +148,10 @@ class TrainConfig:
     checkpoint_every: int
     seed: int
     device: str
-    bf16: bool
+    precision: str
+    channels_last: bool
+    compile: str
+    activation_checkpointing: bool
     sync_batchnorm: bool
     tensorboard: bool
     baselines: str | None
@@ -179,7 +182,9 @@ class TrainConfig:
                 policy=PolicySettings(**stages["policy"]), sample=SampleSettings(**stages["sample"]),
                 posttrain=PosttrainSettings(**{**stages["posttrain"], "betas": tuple(stages["posttrain"]["betas"])})),
             batch_size=c["batch_size"], eval_every=c["eval_every"], eval_batches=c["eval_batches"],
-            checkpoint_every=c["checkpoint_every"], seed=c["seed"], device=c["device"], bf16=c["bf16"],
+            checkpoint_every=c["checkpoint_every"], seed=c["seed"], device=c["device"], precision=c["precision"],
+            channels_last=c["channels_last"], compile=c["compile"],
+            activation_checkpointing=c["activation_checkpointing"],
             sync_batchnorm=c["sync_batchnorm"], tensorboard=c["tensorboard"], baselines=c["baselines"])
 
 

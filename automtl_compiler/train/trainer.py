@@ -31,6 +31,7 @@ from .config import dump_config
 from .distributed import DistContext, barrier, check_same_weights, context_from_env
 from .evaluation import Evaluator, open_board
 from .loop import Loop
+from .precision import resolve_precision
 from .schedulers import Scheduler, SpanContext, WeightedSum
 from .schedulers import create as create_scheduler
 from .scoring import delta_m_against, read_baseline
@@ -126,6 +127,12 @@ class Trainer:
         if s.baselines:
             read_baseline(Path(s.baselines), self.tasks)  # fail now, not after training
         self.model = build_model(s, task_types).to(self.device)
+        if s.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.model.use_compiler(None if s.compile == "none" else s.compile)
+        self.model.use_checkpointing(s.activation_checkpointing)
+        self.precision = resolve_precision(
+            s.precision, self.device, self.scheduler.scales_losses or not self.scheduler_stages)
         if s.sync_batchnorm and self.dist.distributed:
             synchronise_batchnorm(self.model)
         check_same_weights(self.model, self.dist)
@@ -134,7 +141,8 @@ class Trainer:
                                    device=self.device, board=self.board, dist=self.dist)
         self.loop = Loop(s, self.out, self.model, opts=self.opts, scheds=self.scheds, scheduler=self.scheduler,
                          scheduler_stages=self.scheduler_stages, evaluator=self.evaluator, datasets=datasets,
-                         task_types=task_types, device=self.device, progress=progress, dist=self.dist)
+                         task_types=task_types, device=self.device, progress=progress, dist=self.dist,
+                         precision=self.precision)
         if self.dist.distributed and self.dist.is_main and progress:
             print(f"{self.dist.world} processes ({self.dist.backend}), batch_size {s.batch_size} per process: "
                   f"effective batch size {s.batch_size * self.dist.world}", file=sys.stderr, flush=True)
@@ -188,7 +196,10 @@ class Trainer:
                   "macs": compact_cost(compact), "candidates": self.state.get("candidates", []),
                   "evaluated": self.evaluated,
                   "batch": {"per_process": self.settings.batch_size, "processes": self.dist.world,
-                            "effective": self.settings.batch_size * self.dist.world}}
+                            "effective": self.settings.batch_size * self.dist.world},
+                  "arithmetic": {"precision": self.precision.name, "why": self.precision.reason,
+                                 "channels_last": self.settings.channels_last, "compile": self.settings.compile,
+                                 "activation_checkpointing": self.settings.activation_checkpointing}}
         if self.settings.baselines:
             report["delta_m"] = delta_m_against(Path(self.settings.baselines), metrics, self.task_types, self.tasks)
         if self.dist.is_main:

@@ -43,7 +43,7 @@ class BiasFreeBackbone(torch.nn.Module):
 #: are one batch (a rank draws dropout masks for its own samples: no split of a batch can repeat one process's)
 BASE = [t for t in TINY if not t.startswith(("backbone", "batch_size", "checkpoint_every", "eval_every"))] + [
     "backbone=tests.train.test_distributed:BiasFreeBackbone",
-    "checkpoint_every=0", "eval_every=0", "sync_batchnorm=true", "stages.sample.candidates=2",
+    "checkpoint_every=0", "eval_every=0", "sync_batchnorm=true", "precision=fp32", "stages.sample.candidates=2",
     "stages.sample.calibration_batches=0"] + [
     f"tasks.{t}.head_options.dropout=0" for t in ("segment_semantic", "depth_zbuffer", "normal")]
 

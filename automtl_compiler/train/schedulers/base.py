@@ -90,6 +90,9 @@ class Scheduler(nn.Module, ABC):
     needs_feature: bool = False
     #: the trainer stages it can run in; validation rejects any other
     stages: tuple[str, ...] = ("pretrain", "policy", "posttrain")
+    #: True when multiplying every loss by one factor multiplies the gradients it leaves by that factor
+    #: (so fp16's loss scaling, undone before the optimiser step, does not change the update)
+    scales_losses: bool = False
 
     def __init__(self, tasks: list[str]) -> None:
         super().__init__()

@@ -11,6 +11,8 @@ from .base import Combiner, StepContext
 class WeightedSum(Combiner):
     """Static per-task weights λ_t; the default scheduler, and AutoMTL's."""
 
+    scales_losses = True  # linear in the losses
+
     def __init__(self, tasks: list[str], weights: dict[str, float] | None = None) -> None:
         super().__init__(tasks)
         weights = dict(weights or {})
