@@ -40,7 +40,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import FileFormatError
+from ..errors import AutomtlError, FileFormatError, one_line
 from .batches import STAGES
 
 FORMAT = "automtl-checkpoint"
@@ -101,13 +101,17 @@ def _durable_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
     fsync it, rename it onto ``path`` and fsync the folder: ``path`` is never seen half-written."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, bytes):
-                f.write(data)
-        if not isinstance(data, bytes):
-            data(Path(tmp))
-        with open(tmp, "rb+") as f:  # whatever wrote the file, its data reach the disk before the rename
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if isinstance(data, bytes):
+                    f.write(data)
+            if not isinstance(data, bytes):
+                data(Path(tmp))
+            with open(tmp, "rb+") as f:  # whatever wrote the file, its data reach the disk before the rename
+                os.fsync(f.fileno())
+        except (OSError, SafetensorError) as e:  # a full disk, a quota: the earlier checkpoint is untouched
+            raise AutomtlError(f"could not write checkpoint {path}: {one_line(str(e), 200)}; the checkpoint before it "
+                               "is intact: free space and run the same command again to resume") from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import AutomtlError
 from ..ir.serialize import atomic_write
-from .config import dump_config, load_config
+from .config import dump_config, load_config, validate_config
 from .distributed import SINGLE, DistContext, barrier, context_from_env
 from .trainer import Trainer
 
@@ -153,9 +153,11 @@ def is_run_dir(out: Path, cfg: dict[str, Any] | None = None) -> bool:
 
 
 def _same_config(saved: Path, cfg: dict[str, Any]) -> bool:
+    """Whether the saved config is ``cfg``, both with every key's default filled in (so a run written before a
+    key existed, or under a key's old name, is the same run)."""
     try:
-        return yaml.safe_load(saved.read_text()) == yaml.safe_load(dump_config(cfg))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return validate_config(yaml.safe_load(saved.read_text())) == validate_config(yaml.safe_load(dump_config(cfg)))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AutomtlError):
         return False
 
 

@@ -404,3 +404,38 @@ def test_many_random_kills_end_with_the_uninterrupted_weights(tmp_path):
     assert json.loads((whole / "policy.json").read_text()) == json.loads((run / "policy.json").read_text())
     print(f"\nkills survived: {kills}, during a checkpoint write: {during_write}, lives: {lives + 1}, "
           f"{time.monotonic() - start:.0f} s")
+
+
+def test_a_run_written_before_a_config_key_existed_is_the_same_run(tmp_path):
+    """Upgrading mid-run: the saved config lacks keys added since (and has ``bf16``, the old name of
+    ``precision``); with defaults filled in it is the run's config, so the run resumes rather than being
+    refused as a different one."""
+    import yaml
+
+    from automtl_compiler.train.config import dump_config, load_config
+    from automtl_compiler.train.run import is_run_dir
+
+    cfg = load_config(CONFIG, [*TINY, "precision=fp32"])
+    old = yaml.safe_load(dump_config(cfg))
+    del old["precision"], old["activation_checkpointing"], old["channels_last"], old["compile"]
+    old["bf16"] = False
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(old))
+    assert is_run_dir(out, cfg)
+    assert not is_run_dir(out, load_config(CONFIG, [*TINY, "precision=bf16"])), "bf16: false is fp32"
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_the_old_checkpoint(tmp_path):
+    import errno
+
+    target = tmp_path / "state-2.safetensors"
+    (tmp_path / "state-1.safetensors").write_bytes(b"old")
+
+    def full(path: Path) -> None:
+        path.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(AutomtlError, match="could not write checkpoint .*No space left.*free space and run the same"):
+        ckpt_module._durable_write(target, full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-1.safetensors"], "no partial file is left"
