@@ -140,11 +140,12 @@ class TorchJD(Combiner):
         self.aggregator: nn.Module = build_aggregator(aggregator, options, len(self.tasks))
 
     def combine(self, grads: torch.Tensor) -> torch.Tensor:
-        """A(J) for a [T, P] matrix of task gradients (rows in ``self.tasks`` order)."""
+        """A(J) for a [T, P] matrix of task gradients (rows in ``self.tasks`` order), computed in float32 (the
+        gradients w.r.t. z are bf16 under bf16 autocast)."""
         if grads.dim() != 2 or grads.shape[0] != len(self.tasks):
             raise AutomtlError(f"TorchJD.combine needs a [{len(self.tasks)}, P] matrix (one row per task), got shape "
                                f"{tuple(grads.shape)}")
-        return self.aggregator(grads)
+        return self.aggregator(grads.float()).to(grads.dtype)  # torchjd's solvers take float32/64, not bf16
 
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
         """Fill the gradients of the step's parameters with the aggregation (see the class docstring);
@@ -179,7 +180,7 @@ class TorchJD(Combiner):
             for p, g in zip(after, gh):
                 if g is not None:
                     own[id(p)] = own[id(p)] + g if id(p) in own else g
-        combined = self.aggregator(torch.stack(rows)).reshape(z.shape).to(z.dtype)
+        combined = self.aggregator(torch.stack(rows).float()).reshape(z.shape).to(z.dtype)
         if trunk:
             z.backward(combined, inputs=trunk)
         for p in after:
