@@ -380,18 +380,38 @@ def prune_(supermodel: str, policy_path: str, out: str, trust_code: bool) -> Non
 @click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True, help="ONNX opset.")
 @click.option("--dynamic-hw", is_flag=True, help="Make height and width dynamic too (the batch always is).")
 @click.option("--static-batch", is_flag=True, help="Fix the batch size to the one of --input-shape.")
-@click.option("--no-verify", is_flag=True, help="Skip running the file in onnxruntime against PyTorch.")
+@click.option("--no-verify", is_flag=True, help="Skip running the file in onnxruntime against PyTorch (and a "
+                                                 "variant against fp32).")
 @click.option("--input-shape", default=None, metavar="N,C,H,W",
               help="Example input shape (default: the model's input shape).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="For a compact model: fp16 (for GPUs; float32 inputs and outputs) or int8 (for CPUs; static "
+                   "quantization calibrated on training images), each checked against fp32 on the validation split.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="With --precision fp16/int8: the training config whose dataset gives the calibration images and "
+                   "the validation split (default: the config.yaml of the automtl run directory holding MODEL_DIR).")
+@click.option("--calibration-images", type=click.IntRange(1), default=None, metavar="N",
+              help="With --precision int8: how many training images calibrate it (evenly spaced; default 64).")
+@click.option("--max-drop", type=click.FloatRange(0), default=None, metavar="POINTS",
+              help="With --precision fp16/int8: the largest loss of Δm against fp32, in points, that is accepted "
+                   "(default 1.0); a larger one is an error and nothing is written.")
 @_TRUST
 def export(model_dir: str, out: str, task: str | None, view: str | None, opset: int, dynamic_hw: bool,
-           static_batch: bool, no_verify: bool, input_shape: str | None, trust_code: bool) -> None:
+           static_batch: bool, no_verify: bool, input_shape: str | None, precision: str, config_path: str | None,
+           calibration_images: int | None, max_drop: float | None, trust_code: bool) -> None:
     """Export MODEL_DIR to ONNX: a compact model (from `automtl prune`; one input, one output per task) or a
-    SuperModel (a directory with supermodel.json; its soft or pre-training view, one output per task)."""
+    SuperModel (a directory with supermodel.json; its soft or pre-training view, one output per task).
+
+    A compact model can also be written as a deployment variant (--precision fp16 or int8)."""
     path = Path(out)
     if path.suffix.lower() != ".onnx":
         raise click.BadParameter(f"'{out}' must end in .onnx", param_hint="-o")
+    _check_precision_options(precision, config_path, calibration_images, max_drop)
+    report = None
     if (Path(model_dir) / "supermodel.json").is_file():
+        if precision != "fp32":
+            raise click.BadParameter(f"{model_dir} is a SuperModel; deployment variants are made of compact models "
+                                     "(`automtl prune`)", param_hint="--precision")
         tasks = _export_supermodel(model_dir, path, task, view or "soft", opset, dynamic_hw, static_batch,
                                    no_verify, input_shape, trust_code)
         kind = f", {view or 'soft'} view"
@@ -403,12 +423,67 @@ def export(model_dir: str, out: str, task: str | None, view: str | None, opset: 
         from automtl_compiler.nn.compact import CompactModel
 
         model = CompactModel.load(model_dir, trust_code=trust_code)
-        export_onnx(model, path, input_shape=parse_shape(input_shape), opset=opset,
-                    dynamic_batch=not static_batch, dynamic_hw=dynamic_hw, verify=not no_verify, task=task)
-        tasks, kind = [task] if task else model.tasks, ""
+        tasks, kind = [task] if task else list(model.tasks), ""
+        options = {"input_shape": parse_shape(input_shape), "opset": opset, "dynamic_batch": not static_batch,
+                   "dynamic_hw": dynamic_hw, "task": task}
+        if precision == "fp32":
+            export_onnx(model, path, verify=not no_verify, **options)
+        else:
+            report = _export_variant(model, model_dir, path, tasks, precision, config_path, calibration_images,
+                                     max_drop, not no_verify, options)
+            kind = f", {_variant_kind(report)}"
     size = path.stat().st_size / 2**20
     check = "not verified (--no-verify)" if no_verify else "verified against PyTorch with onnxruntime"
+    if report is not None and not no_verify:
+        check += (f", then against fp32 on {report.comparison.samples} validation samples" if report.comparison
+                  else ", then against fp32 on a random input (no config)")
     click.echo(f"wrote {path} ({size:.1f} MB, opset {opset}{kind}, outputs {', '.join(tasks)}; {check})")
+
+
+def _check_precision_options(precision: str, config_path: str | None, calibration_images: int | None,
+                             max_drop: float | None) -> None:
+    """The variant options apply to the variants they are for."""
+    given = {"--config": config_path, "--calibration-images": calibration_images, "--max-drop": max_drop}
+    if precision == "fp32":
+        for name, value in given.items():
+            if value is not None:
+                raise click.BadParameter(f"{name} applies to --precision fp16 or int8", param_hint=name)
+    if precision == "fp16" and calibration_images is not None:
+        raise click.BadParameter("--calibration-images applies to --precision int8 (fp16 needs no calibration)",
+                                 param_hint="--calibration-images")
+
+
+def _export_variant(model: Any, model_dir: str, path: Path, tasks: list[str], precision: str, config_path: str | None,
+                    calibration_images: int | None, max_drop: float | None, verify: bool, options: dict[str, Any]) -> Any:
+    """``automtl export --precision fp16|int8`` of a compact model: print the check's table, return its report."""
+    from automtl_compiler.backends.onnx_calibration import DeploymentData, run_config
+    from automtl_compiler.backends.onnx_precision import (
+        DEFAULT_CALIBRATION_IMAGES,
+        DEFAULT_MAX_DROP,
+        export_precision,
+    )
+
+    config = config_path or run_config(model_dir)
+    if config is None and precision == "int8":
+        raise click.BadParameter(f"int8 is calibrated on training images: give the training config (--config); "
+                                 f"{model_dir} is not in an automtl run directory holding one", param_hint="--config")
+    data = DeploymentData.from_config(config, tasks) if config is not None else None
+    report = export_precision(model, path, precision=precision, data=data,
+                              calibration_images=calibration_images or DEFAULT_CALIBRATION_IMAGES,
+                              max_drop=DEFAULT_MAX_DROP if max_drop is None else max_drop, verify=verify, **options)
+    for line in report.lines():
+        click.echo(line)
+    return report
+
+
+def _variant_kind(report: Any) -> str:
+    """How a variant was made, for the ``wrote`` line."""
+    d = report.details
+    if report.precision == "int8":
+        return (f"int8 {d['format']}, {d['calibration']} calibration on {d['calibration_images']} training images"
+                + (f", {d['convs_skipping_padding']} convs skip their zero padding" if d["convs_skipping_padding"] else ""))
+    blocked = d.get("float32_nodes") or []
+    return "fp16 with float32 inputs and outputs" + (f", {len(blocked)} node(s) kept float32" if blocked else "")
 
 
 def _export_supermodel(model_dir: str, path: Path, task: str | None, view: str, opset: int, dynamic_hw: bool,
@@ -428,19 +503,23 @@ def _export_supermodel(model_dir: str, path: Path, task: str | None, view: str, 
 
 
 @main.command()
-@click.argument("model", metavar="MODEL.onnx")
+@click.argument("models", metavar="MODEL.onnx...", nargs=-1, required=True)
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Batch size.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "all"]), default="all", show_default=True,
               help="Execution provider(s); 'all' is the CPU plus CUDA when a GPU is usable.")
 @click.option("--repeat", type=click.IntRange(1), default=10, show_default=True, help="Timed runs per provider.")
 @click.option("--warmup", type=click.IntRange(0), default=2, show_default=True, help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime intra-op threads.")
-def bench(model: str, batch: int, provider: str, repeat: int, warmup: int, threads: int | None) -> None:
-    """Median latency and throughput of an ONNX model in onnxruntime, per execution provider."""
+def bench(models: tuple[str, ...], batch: int, provider: str, repeat: int, warmup: int, threads: int | None) -> None:
+    """Median latency and throughput of ONNX models in onnxruntime, per execution provider.
+
+    With several files (e.g. the fp32, fp16 and int8 variants of one model) they are timed round-robin and
+    the table has a row per file and provider, with its precision and its ratio to the first file."""
     from automtl_compiler.errors import require_file
     from automtl_compiler.runtime import benchmark, cuda_status
 
-    require_file(model, "ONNX model")
+    for model in models:
+        require_file(model, "ONNX model")
     providers = [provider] if provider != "all" else ["cpu"]
     note = ""
     if provider == "all":
@@ -449,18 +528,42 @@ def bench(model: str, batch: int, provider: str, repeat: int, warmup: int, threa
             providers.append("cuda")
         else:
             note = f"cuda: skipped, {reason}"
-    rows = benchmark(model, batch=batch, providers=providers, repeat=repeat, warmup=warmup, threads=threads)
-    header = ["provider", "batch", "input", "median ms", "images/s"]
-    cells = [[r["provider"], str(r["batch"]), "x".join(map(str, r["input_shape"])), f"{r['median_ms']:.2f}",
-              f"{r['images_per_s']:.1f}"] for r in rows]
+    if len(models) > 1:
+        _bench_several(models, batch, providers, repeat, warmup, threads)
+    else:
+        from automtl_compiler.backends.onnx_precision import read_precision
+
+        rows = benchmark(models[0], batch=batch, providers=providers, repeat=repeat, warmup=warmup, threads=threads)
+        _print_table(["provider", "batch", "input", "median ms", "images/s"],
+                     [[r["provider"], str(r["batch"]), "x".join(map(str, r["input_shape"])), f"{r['median_ms']:.2f}",
+                       f"{r['images_per_s']:.1f}"] for r in rows])
+        click.echo(f"median of {repeat} runs after {warmup} warm-up runs; {Path(models[0]).name} "
+                   f"({read_precision(models[0])})")
+    if note:
+        click.echo(note)
+
+
+def _print_table(header: list[str], cells: list[list[str]]) -> None:
+    """A markdown table of ``cells`` under ``header``."""
     widths = [max(len(c) for c in col) for col in zip(header, *cells)]
     for line in [header, *cells]:
         click.echo("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |")
         if line is header:
             click.echo("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    click.echo(f"median of {repeat} runs after {warmup} warm-up runs; {Path(model).name}")
-    if note:
-        click.echo(note)
+
+
+def _bench_several(models: tuple[str, ...], batch: int, providers: list[str], repeat: int, warmup: int,
+                   threads: int | None) -> None:
+    """``automtl bench A.onnx B.onnx ...``: one table, a row per file and provider, timed round-robin."""
+    from automtl_compiler.backends.onnx_latency import compare_latency
+
+    rows = compare_latency(models, providers=providers, batch=batch, repeat=repeat, warmup=warmup, threads=threads)
+    _print_table(["file", "precision", "provider", "batch", "input", "median ms", "images/s", "ratio"],
+                 [[Path(r["file"]).name, r["precision"], r["provider"], str(r["batch"]),
+                   "x".join(map(str, r["input_shape"])), f"{r['median_ms']:.2f}", f"{r['images_per_s']:.1f}",
+                   f"{r['ratio']:.2f}"] for r in rows])
+    click.echo(f"median of {repeat} runs after {warmup} warm-up runs, the files timed round-robin; ratio: median ms "
+               f"against {Path(models[0]).name} on the same provider")
 
 
 _SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
