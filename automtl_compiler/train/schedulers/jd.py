@@ -36,6 +36,12 @@ def _aggregation() -> Any:
         raise AutomtlError(MISSING) from None
 
 
+def _solvable(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` in a dtype torchjd's solvers take: bf16/fp16 (gradients under autocast) become float32;
+    float32 and float64 stay as they are."""
+    return matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+
+
 def aggregator_names() -> list[str]:
     """The classes of ``torchjd.aggregation`` a config may name: aggregators and weightings (a weighting is
     wrapped into the aggregator that applies its weights)."""
@@ -145,7 +151,7 @@ class TorchJD(Combiner):
         if grads.dim() != 2 or grads.shape[0] != len(self.tasks):
             raise AutomtlError(f"TorchJD.combine needs a [{len(self.tasks)}, P] matrix (one row per task), got shape "
                                f"{tuple(grads.shape)}")
-        return self.aggregator(grads.float()).to(grads.dtype)  # torchjd's solvers take float32/64, not bf16
+        return self.aggregator(_solvable(grads)).to(grads.dtype)
 
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext | None = None) -> torch.Tensor:
         """Fill the gradients of the step's parameters with the aggregation (see the class docstring);
@@ -180,7 +186,7 @@ class TorchJD(Combiner):
             for p, g in zip(after, gh):
                 if g is not None:
                     own[id(p)] = own[id(p)] + g if id(p) in own else g
-        combined = self.aggregator(torch.stack(rows).float()).reshape(z.shape).to(z.dtype)
+        combined = self.aggregator(_solvable(torch.stack(rows))).reshape(z.shape).to(z.dtype)
         if trunk:
             z.backward(combined, inputs=trunk)
         for p in after:
