@@ -30,12 +30,9 @@ from .distributed import (
     broadcast_buffers,
 )
 from .evaluation import Evaluator
-from .precision import Precision
+from .precision import FP32, Precision
 from .schedulers import Combiner, Scheduler, SpanContext, StepContext, WeightedSum
 from .settings import TrainConfig
-
-#: fp32 arithmetic throughout (no autocast, no loss scaling).
-FP32 = Precision("fp32", None, False, "asked for")
 
 #: The optimisers a stage steps (its checkpoints keep only these).
 STAGE_OPTIMIZERS = {"pretrain": ("pretrain",), "policy": ("network", "policy"), "sample": (),

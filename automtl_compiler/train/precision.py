@@ -38,6 +38,10 @@ class Precision:
         return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
 
+#: fp32 arithmetic throughout (no autocast, no loss scaling), as asked for.
+FP32 = Precision("fp32", None, False, "asked for")
+
+
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
     """The CPU's feature flags (Linux' /proc/cpuinfo ``flags``/``Features`` lines; empty elsewhere)."""
     try:
@@ -67,7 +71,7 @@ def resolve_precision(requested: str, device: torch.device, scales_losses: bool,
     cuda = device.type == "cuda"
     bf16_ok = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16(cpuinfo)
     if requested == "fp32":
-        return Precision("fp32", None, False, "asked for")
+        return FP32
     if requested == "bf16":
         return Precision("bf16", torch.bfloat16, False, "asked for" if bf16_ok else
                          "asked for (this device emulates bf16, which is slower than fp32)")
