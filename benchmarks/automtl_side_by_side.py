@@ -17,7 +17,10 @@ medians):
   soft step          fwd + bwd of both tasks in soft (policy-training) mode with the policy regulariser, no
                      optimiser (AutoMTL: one call and backward per task, as train_step_with_reg; ours: the
                      Trainer's Loop.forward on both tasks at once, its losses, backward)
-  soft-step peak RSS VmHWM of a fresh process that built the model and ran one soft step
+  soft-step peak RSS VmHWM of a fresh process that built the model and ran one soft step (AutoMTL: its soft
+                     step, which computes every gradient; ours: the larger of the peaks of the trainer's two
+                     soft steps - a network step, whose gates are constants, then, the peak reset, a policy step,
+                     which computes no weight gradients - each also shown)
   hard inference     both tasks, every unit shared (the initial policy), batch 1, no_grad (AutoMTL: one hard-mode
                      call per task; ours: one forward_all call as our evaluation runs it, in fp32)
   trainer iteration  one iteration of each stage of the real trainers: AutoMTL's Trainer (pre_train,
@@ -57,7 +60,7 @@ from torch.utils.data import Dataset
 
 from .automtl_adapter import PROTOTXT as AUTOMTL_PROTOTXT
 from .automtl_adapter import checkout_problem
-from .common import peak_rss_mb, print_table
+from .common import peak_rss_mb, print_table, reset_peak_rss
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONE = ROOT / "models" / "deeplab_resnet34.prototxt"
@@ -281,15 +284,27 @@ def _our_trainer_object(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return trainer, {"datasets": datasets, "types": types}
 
 
-def _our_soft_step(trainer: Any, x: Any, targets: dict[str, Any]) -> None:
-    """Both tasks in soft mode through the Trainer's own forward and losses, plus the regulariser; backward."""
+def _our_soft_step(trainer: Any, x: Any, targets: dict[str, Any], kind: str = "all") -> None:
+    """Both tasks in soft mode through the Trainer's own forward and losses, plus the regulariser; backward.
+    ``kind``: "all" computes every gradient (as AutoMTL's step does); "network" and "policy" compute what the
+    trainer's network and policy steps compute (the other parameters frozen, as ``train.stages.policy``
+    freezes them)."""
+    import contextlib
+
     import torch
 
+    from automtl_compiler.train.stages import frozen
+
     loop, model = trainer.loop, trainer.model
-    gen = torch.Generator().manual_seed(0)
-    losses = loop.losses(loop.forward(x, mode="soft", tau=TAU, generator=gen), targets)
-    reg = sum(model.policy_regulariser(t, tau=TAU, generator=gen) for t in loop.tasks)
-    (sum(losses.values()) + trainer.settings.stages.policy.reg_weight * reg).backward()
+    fixed = {"all": [], "network": model.policy_parameters(), "policy": model.network_parameters()}[kind]
+    with frozen(fixed) if fixed else contextlib.nullcontext():
+        gen = torch.Generator().manual_seed(0)
+        losses = loop.losses(loop.forward(x, mode="soft", tau=TAU, generator=gen), targets)
+        total = sum(losses.values())
+        if kind != "network":
+            reg = sum(model.policy_regulariser(t, tau=TAU, generator=gen) for t in loop.tasks)
+            total = total + trainer.settings.stages.policy.reg_weight * reg
+        total.backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -310,8 +325,13 @@ def ours_model(spec: dict[str, Any]) -> dict[str, Any]:
     train = parts["datasets"]["train"]
     x, targets = collate([train[i] for i in range(spec["batch"])])
     trainer.model.train()
-    _our_soft_step(trainer, x, targets)
-    rss = peak_rss_mb()
+    _our_soft_step(trainer, x, targets, "network")  # the larger of the trainer's two soft steps first
+    rss = {"rss_network": [peak_rss_mb()]}
+    if reset_peak_rss():
+        _our_soft_step(trainer, x, targets, "policy")
+        rss["rss_policy"] = [peak_rss_mb()]
+    rss["rss"] = [max(v[0] for v in rss.values())]
+    _our_soft_step(trainer, x, targets)  # warm-up of the timed step
     steps = spec["steps"]
     soft = _times(lambda: _our_soft_step(trainer, x, targets), steps)
     trainer.model.eval()
@@ -320,7 +340,7 @@ def ours_model(spec: dict[str, Any]) -> dict[str, Any]:
         infer = _times(lambda: _our_inference(trainer, x1), steps + 1, warmup=1)
         dtype = str(next(iter(trainer.loop.forward(x1, mode="hard").values())).dtype).replace("torch.", "")
     build = _times(lambda: build_model(trainer.settings, parts["types"]), steps)
-    result: dict[str, Any] = {"build": build, "soft": soft, "rss": [rss], "infer": infer, "dtype": dtype}
+    result: dict[str, Any] = {"build": build, "soft": soft, **rss, "infer": infer, "dtype": dtype}
     if spec["floors"]:
         result.update(_floor_counts(trainer, x, x1, targets))
     return result
@@ -523,7 +543,9 @@ def table(figures: dict[str, dict[str, Any]], args: argparse.Namespace) -> tuple
     """The table (printed) and each variant's ratios by figure."""
     rows_spec = [("build", "build supermodel + heads", "s"),
                  ("soft", f"soft step (fwd+bwd both tasks + regulariser), B={args.batch}", "s"),
-                 ("rss", "soft step peak RSS (fresh process)", "GB"),
+                 ("rss", "soft step peak RSS (fresh process; ours: the larger of the next two)", "GB"),
+                 ("rss_network", "  ours: the trainer's network step (policy frozen)", "GB"),
+                 ("rss_policy", "  ours: the trainer's policy step (weights frozen)", "GB"),
                  ("infer", "hard inference both tasks, all-share, B=1", "ms")]
     rows_spec += [(k, f"trainer: {label}, B={args.batch}", "s") for k, label in STAGES]
     ref = figures.get("automtl", {})

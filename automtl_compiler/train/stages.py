@@ -8,7 +8,8 @@ network alone on the fixed policy. Each stage resumes at ``loop.state["step"]``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,18 @@ def pretrain(loop: Loop) -> None:
         loop.close(batches)
 
 
+@contextmanager
+def frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """``params`` take no gradient inside the block (autograd neither computes nor stores what only they need)."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def policy(loop: Loop) -> None:
     """Alternate ``network_steps`` network steps and ``policy_steps`` policy steps in soft mode; the
     temperature decays by ``tau_decay`` every ``tau_every`` policy steps."""
@@ -90,17 +103,13 @@ def policy(loop: Loop) -> None:
     def body(step: int) -> tuple[dict[str, float], int]:
         tau = loop.state["tau"]
         if step % cycle < s.network_steps or s.policy_steps == 0:
-            return loop.train_step(train, step, loop.opts["network"], "soft", "policy", tau=tau) | {"tau": tau}, 1
+            # no policy gradients: the gates are constants, so the backward keeps no branch outputs for them
+            with frozen(model.policy_parameters()):
+                return loop.train_step(train, step, loop.opts["network"], "soft", "policy", tau=tau) | {"tau": tau}, 1
         gen = torch.Generator().manual_seed(step_seed(loop.cfg.seed, "sample", step))
         reg = lambda: s.reg_weight * sum(model.policy_regulariser(t, tau=tau, generator=gen) for t in loop.tasks)
-        network = model.network_parameters()
-        for p in network:  # a policy step needs no weight gradients: skip computing them
-            p.requires_grad_(False)
-        try:
+        with frozen(model.network_parameters()):  # a policy step needs no weight gradients: skip computing them
             info = loop.train_step(held, step, loop.opts["policy"], "soft", "policy", extra=reg, tau=tau)
-        finally:
-            for p in network:
-                p.requires_grad_(True)
         loop.state["policy_steps"] += 1
         if loop.state["policy_steps"] % s.tau_every == 0:
             loop.state["tau"] = tau * s.tau_decay
