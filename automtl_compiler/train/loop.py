@@ -185,6 +185,7 @@ class Loop:
             self.scaler.update()
         else:
             opt.step()
+        opt.zero_grad(set_to_none=True)  # not kept to the next step: its forward's peak is then without them
         if not self.cfg.sync_batchnorm:
             broadcast_buffers(self.model, self.dist)
         return {t: float(v.detach()) for t, v in losses.items()}
