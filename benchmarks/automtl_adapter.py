@@ -269,3 +269,58 @@ def trainer_iterations(mods: types.SimpleNamespace, prototxt: str, classes: dict
     stage["name"] = "posttrain"
     trainer.post_train(iters=n, lr=0.001, decay_lr_freq=4000, decay_lr_rate=0.5, loss_lambda=weights)
     return {**{k: v[1:] for k, v in times.items()}, "sampled": policy}
+
+
+# ---------------------------------------------------------------- inference in a child, timed by the parent
+_SERVE = "import json, sys; from benchmarks.automtl_adapter import serve_inference; serve_inference(json.loads(sys.argv[1]))"
+
+
+def serve_inference(spec: dict[str, Any]) -> None:
+    """Build AutoMTL's model in this fresh interpreter, then run one hard inference per "run" line on stdin,
+    answering "done" on stdout (anything AutoMTL prints goes to stderr)."""
+    answer = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    mods = import_automtl(spec["directory"])
+    torch.manual_seed(0)
+    model = build(mods, spec["prototxt"], spec["classes"]).eval()
+    x = torch.rand(1, 3, spec["size"], spec["size"])
+    answer.write("ready\n")
+    with torch.no_grad():
+        for line in sys.stdin:
+            if line.strip() != "run":
+                break
+            hard_inference(model, x, list(spec["classes"]))
+            answer.write("done\n")
+
+
+class InferenceChild:
+    """AutoMTL's hard inference (batch 1, every task) in an interpreter of its own (AutoMTL must be imported
+    before protobuf, which the caller has loaded), run on request: the caller times ``run()`` round-robin
+    with its own calls (the child waits while the caller works, and vice versa)."""
+
+    def __init__(self, directory: str | Path, classes: dict[str, int], size: int, threads: int,
+                 prototxt: str = PROTOTXT) -> None:
+        import json
+        import subprocess
+
+        spec = {"directory": str(directory), "classes": classes, "size": size, "threads": threads,
+                "prototxt": prototxt}
+        self.process = subprocess.Popen([sys.executable, "-c", _SERVE, json.dumps(spec)],
+                                        cwd=Path(__file__).resolve().parent.parent, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, bufsize=1)
+        if self.process.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
+            raise RuntimeError(f"AutoMTL's inference process did not start (exit code {self.process.poll()})")
+
+    def run(self) -> None:
+        self.process.stdin.write("run\n")  # type: ignore[union-attr]
+        if self.process.stdout.readline().strip() != "done":  # type: ignore[union-attr]
+            raise RuntimeError(f"AutoMTL's inference process stopped (exit code {self.process.poll()})")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()  # type: ignore[union-attr]
+            self.process.wait(timeout=30)

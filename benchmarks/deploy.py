@@ -10,7 +10,10 @@ a config naming those scenes: int8 calibrated on ``--calibration-images`` traini
 ``--methods`` (and, for comparison, with symmetric activations and without the padding rewrite), and fp16.
 Each is compared with the fp32 file on ``--val-images`` validation scenes (Δm against fp32, in points).
 Last, all files are timed round-robin in one process (median of ``--repeat`` rounds), the ratios against
-fp32 measured in the same run. Preparation runs on one thread; only the timing uses ``--threads``.
+fp32 measured in the same run. With ``--automtl DIR`` (a checkout of AutoMTL) AutoMTL's own hard inference
+(one call per task, PyTorch, in a process of its own that waits while the files run) takes its turn in the
+same rounds and is the reference of the target; without it the reference is the issue's 348 ms.
+Preparation runs on one thread; only the timing uses ``--threads``.
 ``--work DIR`` keeps the model, the files and their checks, and a later run reuses them (then it only
 times).
 """
@@ -50,7 +53,8 @@ BACKBONE = ROOT / "models" / "deeplab_resnet34.prototxt"
 CLASSES = 19
 TASKS = {"segment_semantic": CLASSES, "depth_zbuffer": 1}
 #: AutoMTL's all-task latency on this network, and the target: 0.3x of it.
-AUTOMTL_MS, TARGET_MS = 348.0, 104.0
+AUTOMTL_MS, TARGET_RATIO = 348.0, 0.3  # AutoMTL's hard inference as the issue measured it; the int8 target
+AUTOMTL_ROW = "AutoMTL, PyTorch (one call per task)"
 
 
 def build(size: int, hidden: int) -> CompactModel:
@@ -156,24 +160,35 @@ def run(args: argparse.Namespace) -> str:
         sessions = {name: InferenceSession(path, provider="cpu", threads=args.threads, spin=False)
                     for name, path in files.items()}
         x = sessions["fp32"].example_input(1)
-        medians = interleaved_medians({name: (lambda s=s: s.run(x)) for name, s in sessions.items()}, args.repeat)
+        calls = {name: (lambda s=s: s.run(x)) for name, s in sessions.items()}
+        if args.automtl:
+            from .automtl_adapter import InferenceChild
+
+            child = InferenceChild(args.automtl, TASKS, args.size, args.threads)
+            stack.callback(child.close)
+            calls[AUTOMTL_ROW] = child.run
+        medians = interleaved_medians(calls, args.repeat)
+    reference = medians[AUTOMTL_ROW] * 1e3 if AUTOMTL_ROW in medians else AUTOMTL_MS
+    target = TARGET_RATIO * reference
     rows = []
     for name, seconds in medians.items():
         dm = checks.get(name, {}).get("delta_m")
         ms = seconds * 1e3
-        rows.append([name, f"{ms:.1f}", f"{seconds / medians['fp32']:.3f}", f"{ms / AUTOMTL_MS:.2f}",
+        rows.append([name, f"{ms:.1f}", f"{seconds / medians['fp32']:.3f}", f"{ms / reference:.2f}",
                      "" if dm is None else f"{dm:+.2f}",
-                     ("met" if ms <= TARGET_MS else "missed") if name.startswith("int8") else ""])
+                     ("met" if ms <= target else "missed") if name.startswith("int8") else ""])
     for name, check in checks.items():
         print(f"\n{name} against fp32 on the validation scenes:")
         print("\n".join(check["table"]))
     print(f"\nDeployment variants: {BACKBONE.name}, tasks {', '.join(f'{t} ({k})' for t, k in TASKS.items())}, ASPP "
           f"hidden {args.hidden}, all-share, input 1x3x{args.size}x{args.size}, onnxruntime CPU, {args.threads} threads, "
           f"median of {args.repeat} rounds; model {trained}; int8 calibrated on {args.calibration_images} training "
-          f"scenes, Δm against fp32 on {samples} validation scenes; target: int8 <= {TARGET_MS:.0f} ms (0.3x AutoMTL's "
-          f"{AUTOMTL_MS:.0f} ms) with Δm within 1 point of fp32")
-    table = print_table(["variant", "median ms", "ratio to fp32", f"ratio to {AUTOMTL_MS:.0f} ms",
-                         "Δm vs fp32 (points)", f"<= {TARGET_MS:.0f} ms"], rows)
+          f"scenes, Δm against fp32 on {samples} validation scenes; target: int8 <= {target:.0f} ms ({TARGET_RATIO}x "
+          f"AutoMTL's {reference:.0f} ms, " + ("measured in these rounds" if args.automtl else
+                                               "the issue's figure: give --automtl DIR to measure it") +
+          ") with Δm within 1 point of fp32")
+    table = print_table(["variant", "median ms", "ratio to fp32", "ratio to AutoMTL",
+                         "Δm vs fp32 (points)", f"<= {target:.0f} ms"], rows)
     print(f"({time.perf_counter() - start:.0f} s)")
     return table
 
@@ -189,6 +204,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", default=None, metavar="DIR",
                         help="keep the trained model, the variant files and their checks here, and reuse what an "
                              "earlier run left there (default: a temporary directory)")
+    parser.add_argument("--automtl", metavar="DIR", default=None,
+                        help="A checkout of AutoMTL: its hard inference is timed in the same rounds (in a process "
+                             "of its own) and is the reference of the ratios")
     parser.add_argument("--calibration-images", type=int, default=64)
     parser.add_argument("--val-images", type=int, default=64)
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["minmax", "entropy", "percentile"],
@@ -197,7 +215,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parser().parse_args(argv))
+    args = parser().parse_args(argv)
+    if args.automtl is not None:
+        from .automtl_adapter import checkout_problem
+
+        problem = checkout_problem(args.automtl)
+        if problem is not None:
+            print(f"error: --automtl: {problem}", file=sys.stderr)
+            sys.exit(2)
+    run(args)
 
 
 if __name__ == "__main__":
