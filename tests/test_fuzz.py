@@ -86,7 +86,7 @@ CASE_SECONDS = 5.0
 HANG_SECONDS = 30
 #: Limits every case runs under, so that what a mutated input may allocate stays small.
 FUZZ_LIMITS = {"MAX_PARAMS": 2**25, "MAX_TENSOR_BYTES": 2**27, "MAX_FOLD_BYTES": 2**26}
-#: Peak resident memory of the test process allowed after any case.
+#: How far one case may raise the process's resident peak above what the process held when the case began.
 MAX_RSS_BYTES = 3 * 2**30
 #: Address space of a CLI subprocess (importing torch needs about 4 GiB of it).
 CLI_ADDRESS_SPACE = 6 * 2**30
@@ -116,8 +116,9 @@ def _on_alarm(signum: int, frame: Any) -> None:
 
 
 def _reset_peak_rss() -> bool:
-    """Reset the process's resident-memory high-water mark (Linux ``clear_refs``), so that the peak a case
-    reaches is its own and not an earlier test's; False where the kernel does not allow it."""
+    """Reset the process's resident-memory high-water mark to its current size (Linux ``clear_refs``), so
+    that the peak a case reaches is its own and not an earlier test's; False where the kernel does not
+    allow it (the case is then measured above the earlier peak)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -139,10 +140,10 @@ def _peak_rss() -> int:
 @contextmanager
 def bounded_case(what: str) -> Iterator[None]:
     """Run a case under the fuzz limits and a wall-clock alarm; an AutomtlError is a fine ending, any other
-    exception fails, and so does a case slower than CASE_SECONDS or one that raises the peak memory past
-    MAX_RSS_BYTES."""
-    fresh = _reset_peak_rss()
-    before = 0 if fresh else _peak_rss()
+    exception fails, and so does a case slower than CASE_SECONDS or one that raises the peak memory by
+    MAX_RSS_BYTES or more."""
+    _reset_peak_rss()
+    before = _peak_rss()  # after a reset: what the process holds now (a worker keeps earlier tests' heap)
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     signal.alarm(HANG_SECONDS)
     start = time.monotonic()
@@ -157,7 +158,7 @@ def bounded_case(what: str) -> Iterator[None]:
     elapsed = time.monotonic() - start
     assert elapsed < CASE_SECONDS, f"{what}: the case took {elapsed:.1f} s"
     peak = _peak_rss()
-    assert fresh and peak < MAX_RSS_BYTES or not fresh and peak - before < MAX_RSS_BYTES, \
+    assert peak - before < MAX_RSS_BYTES, \
         f"{what}: peak memory {peak:,} bytes (the process's high-water mark before the case: {before:,})"
 
 

@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "precision": "auto",
-    "channels_last": False,
+    "channels_last": True,
     "compile": "none",
     "activation_checkpointing": False,
     "sync_batchnorm": False,
