@@ -60,7 +60,7 @@ from torch.utils.data import Dataset
 
 from .automtl_adapter import PROTOTXT as AUTOMTL_PROTOTXT
 from .automtl_adapter import checkout_problem
-from .common import peak_rss_mb, print_table, reset_peak_rss
+from .common import peak_rss_mb, print_table, reset_peak_rss, wall_times
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONE = ROOT / "models" / "deeplab_resnet34.prototxt"
@@ -242,12 +242,12 @@ def automtl_model(spec: dict[str, Any]) -> dict[str, Any]:
     model.train()
     am.soft_step(model, crit, batch)
     rss = peak_rss_mb()
-    soft = _times(lambda: am.soft_step(model, crit, batch), steps)
+    soft = wall_times(lambda: am.soft_step(model, crit, batch), steps)
     model.eval()
     x1 = torch.rand(1, 3, spec["size"], spec["size"])
     with torch.no_grad():
-        infer = _times(lambda: am.hard_inference(model, x1, list(CLASSES)), steps + 1, warmup=1)
-    build = _times(lambda: am.build(mods, spec["automtl_prototxt"], CLASSES), steps)
+        infer = wall_times(lambda: am.hard_inference(model, x1, list(CLASSES)), steps + 1, warmup=1)
+    build = wall_times(lambda: am.build(mods, spec["automtl_prototxt"], CLASSES), steps)
     return {"build": build, "soft": soft, "rss": [rss], "infer": infer}
 
 
@@ -333,13 +333,13 @@ def ours_model(spec: dict[str, Any]) -> dict[str, Any]:
     rss["rss"] = [max(v[0] for v in rss.values())]
     _our_soft_step(trainer, x, targets)  # warm-up of the timed step
     steps = spec["steps"]
-    soft = _times(lambda: _our_soft_step(trainer, x, targets), steps)
+    soft = wall_times(lambda: _our_soft_step(trainer, x, targets), steps)
     trainer.model.eval()
     x1 = x[:1].clone()
     with torch.no_grad():
-        infer = _times(lambda: _our_inference(trainer, x1), steps + 1, warmup=1)
+        infer = wall_times(lambda: _our_inference(trainer, x1), steps + 1, warmup=1)
         dtype = str(next(iter(trainer.loop.forward(x1, mode="hard").values())).dtype).replace("torch.", "")
-    build = _times(lambda: build_model(trainer.settings, parts["types"]), steps)
+    build = wall_times(lambda: build_model(trainer.settings, parts["types"]), steps)
     result: dict[str, Any] = {"build": build, "soft": soft, **rss, "infer": infer, "dtype": dtype}
     if spec["floors"]:
         result.update(_floor_counts(trainer, x, x1, targets))
@@ -379,7 +379,7 @@ def conv_gflops(autocast: Any) -> float:
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    best = min(_times(step, 3, warmup=1))
+    best = min(wall_times(step, 3, warmup=1))
     return flops / best / 1e9
 
 
@@ -438,18 +438,6 @@ def policy_text(counts: dict[str, dict[str, int]]) -> str:
 CHILDREN: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "automtl_model": automtl_model, "automtl_trainer": automtl_trainer,
     "ours_model": ours_model, "ours_trainer": ours_trainer}
-
-
-def _times(fn: Callable[[], Any], repeat: int, warmup: int = 0) -> list[float]:
-    """Wall times of ``repeat`` runs of ``fn()`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 # ---------------------------------------------------------------- the run

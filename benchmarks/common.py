@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
-def median_seconds(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeat`` runs after ``warmup`` untimed runs."""
+def wall_times(fn: Callable[[], Any], repeat: int, warmup: int = 0) -> list[float]:
+    """Wall times of ``repeat`` runs of ``fn()`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -17,7 +17,12 @@ def median_seconds(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1) -
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeat`` runs after ``warmup`` untimed runs."""
+    return statistics.median(wall_times(fn, repeat, warmup))
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from .common import in_fresh_process, peak_rss_mb, print_table
+from .common import (
+    in_fresh_process,
+    median_seconds,
+    peak_rss_mb,
+    print_table,
+    wall_times,
+)
 from .supermodel import make
 
 #: name -> (autocast dtype or None, channels_last, torch.compile backend or None, activation checkpointing)
@@ -55,14 +61,8 @@ def _child(args: argparse.Namespace, name: str, queue: Any) -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     model.use_compiler(backend)
     model.use_checkpointing(checkpointing)
-    start = time.perf_counter()
-    step(model, x, dtype)
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(args.repeat):
-        start = time.perf_counter()
-        step(model, x, dtype)
-        times.append(time.perf_counter() - start)
+    first = wall_times(lambda: step(model, x, dtype), 1)[0]
+    times = wall_times(lambda: step(model, x, dtype), args.repeat)
     queue.put((first, statistics.median(times), peak_rss_mb()))
 
 
@@ -90,13 +90,7 @@ def conv_rate(dtype: torch.dtype | None, threads: int) -> float:
             y = conv(x)
         y.float().sum().backward()
 
-    run()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return flops / statistics.median(times)
+    return flops / median_seconds(run, repeat=5, warmup=1)
 
 
 def run(args: argparse.Namespace) -> str:
