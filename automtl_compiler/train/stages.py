@@ -81,13 +81,15 @@ def pretrain(loop: Loop) -> None:
 
 @contextmanager
 def frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
-    """``params`` take no gradient inside the block (autograd neither computes nor stores what only they need)."""
-    for p in params:
+    """``params`` take no gradient inside the block (autograd neither computes nor stores what only they need);
+    afterwards those that trained train again (one frozen before stays frozen)."""
+    trained = [p for p in params if p.requires_grad]
+    for p in trained:
         p.requires_grad_(False)
     try:
         yield
     finally:
-        for p in params:
+        for p in trained:
             p.requires_grad_(True)
 
 

@@ -20,11 +20,14 @@ TINY = ["backbone=torchvision:mobilenet_v3_small", "input_size=[32, 32]", "datas
 
 def test_frozen_restores_gradients_even_after_an_error():
     a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
-    with pytest.raises(RuntimeError):
-        with frozen([a]):
-            assert not a.requires_grad and b.requires_grad
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), frozen([a]):
+        assert not a.requires_grad and b.requires_grad
+        raise RuntimeError("boom")
     assert a.requires_grad and b.requires_grad
+    b.requires_grad_(False)
+    with frozen([a, b]):
+        assert not a.requires_grad and not b.requires_grad
+    assert a.requires_grad and not b.requires_grad, "a parameter frozen before stays frozen"
 
 
 def test_policy_stage_steps_compute_only_their_own_gradients(tmp_path, monkeypatch):
