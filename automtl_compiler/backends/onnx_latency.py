@@ -24,7 +24,7 @@ def compare_latency(paths: Sequence[str | Path], *, providers: Sequence[str] = (
     Every file is fed the first file's seeded random input, so they must take the same input shape.
     """
     from ..runtime import InferenceSession
-    from .onnx_precision import read_precision
+    from .onnx_precision import precision_of
 
     if batch < 1 or repeat < 1 or warmup < 0:
         raise AutomtlError("batch and repeat must be at least 1 and warmup at least 0")
@@ -46,7 +46,7 @@ def compare_latency(paths: Sequence[str | Path], *, providers: Sequence[str] = (
             start = time.perf_counter()
             session.run(x)
             times[key].append(time.perf_counter() - start)
-    precision = {p: read_precision(p) for p in dict.fromkeys(k[0] for k in keys)}
+    precision = {path: precision_of(session.metadata) for (path, _), session in sessions.items()}
     medians = {key: statistics.median(t) for key, t in times.items()}
     return [{"file": str(path), "precision": precision[path], "provider": sessions[(path, provider)].device,
              "batch": batch, "input_shape": list(x.shape), "median_ms": medians[(path, provider)] * 1e3,

@@ -53,15 +53,20 @@ FP16_RTOL = 2e-2
 
 
 def read_precision(path: str | Path) -> str:
-    """The ``automtl.precision`` of an ONNX file (at most 16 characters shown); ``fp32`` when the file does not
-    say, ``unknown`` when it says something other than a name."""
+    """The ``automtl.precision`` of an ONNX file (see :func:`precision_of`)."""
     from ..runtime import read_metadata
 
     model = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props if p.key == PRECISION_KEY}
-    if not props:
+    return precision_of(read_metadata({p.key: p.value for p in model.metadata_props if p.key == PRECISION_KEY}))
+
+
+def precision_of(metadata: dict[str, Any]) -> str:
+    """The precision named by a file's parsed ``automtl.*`` metadata (``runtime.read_metadata``; at most 16
+    characters shown): ``fp32`` when it does not say, ``unknown`` when it says something other than a name."""
+    key = PRECISION_KEY[len(METADATA_PREFIX):]
+    if key not in metadata:
         return "fp32"
-    value = read_metadata(props).get(PRECISION_KEY[len(METADATA_PREFIX):])
+    value = metadata[key]
     return one_line(value, 16) if isinstance(value, str) and value.strip() else "unknown"
 
 
